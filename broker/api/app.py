@@ -1,0 +1,122 @@
+"""The mTLS API application: ``make_app(deps)`` with typed state and JSON errors everywhere.
+
+Every response, error or not, carries ``Cache-Control: no-store``; every error is
+``{"error": CODE, "message": SENTENCE}`` — aiohttp's own 404/405/413 included — so a CI job
+always gets something a person can act on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from broker.audit import AuditLog
+from broker.clock import Clock
+from broker.config import ProfileConfig
+from broker.metrics import Metrics
+from broker.tokens.model import TokenCache
+from broker.tokens.rotator import Rotator
+
+log = logging.getLogger("broker.api")
+
+ERROR_CODES = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+    406: "not_acceptable", 413: "payload_too_large", 415: "unsupported_media_type", 429: "rate_limited",
+    431: "headers_too_large", 500: "internal", 503: "unavailable",
+}
+
+
+@dataclass(frozen=True)
+class ApiDeps:
+    profiles: Mapping[str, ProfileConfig]
+    admin_allow: tuple[str, ...]
+    cache: TokenCache
+    rotators: Mapping[str, Rotator]
+    audit: AuditLog
+    metrics: Metrics
+    clock: Clock
+    max_body_bytes: int = 64 * 1024
+
+
+DEPS = web.AppKey("deps", ApiDeps)
+
+
+def error_response(status: int, message: str, code: str | None = None,
+                   headers: Mapping[str, str] | None = None) -> web.Response:
+    body = json.dumps({"error": code or ERROR_CODES.get(status, "error"), "message": message})
+    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+
+
+class ApiError(Exception):
+    """Raised by handlers; turned into the JSON error body by the middleware."""
+
+    def __init__(self, status: int, message: str, code: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.headers = dict(headers or {})
+
+
+_DEFAULT_MESSAGES = {
+    404: "no such endpoint; the API is GET /v1/tokens/{profile}, GET /v1/tokens, GET /v1/whoami",
+    405: "method not allowed for this endpoint",
+    413: "request body too large",
+}
+
+
+def _route_label(request: web.Request) -> str:
+    info = request.match_info
+    route = getattr(info, "route", None)
+    resource = getattr(route, "resource", None)
+    return resource.canonical if resource is not None else "unmatched"
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    deps = request.app[DEPS]
+    started = time.perf_counter()
+    try:
+        length = request.content_length
+        if length is not None and length > deps.max_body_bytes:
+            return error_response(413, f"request body of {length} bytes is over the limit of {deps.max_body_bytes}")
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.message, exc.code, exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = _DEFAULT_MESSAGES.get(exc.status) or exc.text or exc.reason
+        if exc.status == 405:
+            allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ()) or ()))
+            message = f"method {request.method} not allowed here" + (f"; use {allowed}" if allowed else "")
+        return error_response(exc.status, message, headers={k: v for k, v in exc.headers.items()
+                                                               if k in ("Allow", "Retry-After")})
+    except Exception:
+        log.exception("internal_error route=%s", _route_label(request))
+        return error_response(500, "internal error; the broker logged the details")
+    finally:
+        deps.metrics.request_duration.labels(_route_label(request)).observe(time.perf_counter() - started)
+
+
+async def _no_store(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Cache-Control"] = "no-store"
+
+
+def make_app(deps: ApiDeps) -> web.Application:
+    from broker.api import handlers  # late: handlers import this module's helpers
+
+    app = web.Application(middlewares=[errors_middleware], client_max_size=deps.max_body_bytes)
+    app[DEPS] = deps
+    app.on_response_prepare.append(_no_store)
+    handlers.add_routes(app)
+    return app

@@ -1,0 +1,204 @@
+"""The routes of DESIGN §3 on the mTLS listener."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from broker.api.app import DEPS, ApiDeps, ApiError
+from broker.api.authz import is_admin, matching_identity
+from broker.audit import rfc3339
+from broker.config import ProfileConfig
+from broker.errors import AuditUnavailable, CertError, VaultError
+from broker.identity import identities_from_der
+from broker.tls import peer_der, require_client_auth_eku
+from broker.tokens import policy
+from broker.tokens.model import Token
+from broker.tokens.rotator import Rotator
+
+
+@dataclass(frozen=True)
+class Caller:
+    identities: tuple[str, ...]
+    fingerprint: str  # SHA-256 of the client certificate (DER), hex
+
+    @property
+    def primary(self) -> str:
+        return self.identities[0] if self.identities else "unknown"
+
+
+def caller_of(request: web.Request) -> Caller:
+    der = peer_der(request.transport)
+    if der is None:
+        raise ApiError(403, "a client certificate is required")
+    try:
+        require_client_auth_eku(der)
+    except CertError as exc:
+        raise ApiError(403, str(exc)) from None
+    return Caller(identities_from_der(der), hashlib.sha256(der).hexdigest())
+
+
+FORBIDDEN = "this client certificate may not fetch that profile (unknown profiles look the same)"
+
+
+def _profile_for(deps: ApiDeps, caller: Caller, name: str) -> tuple[ProfileConfig, str]:
+    """The profile and the identity that grants it; the same 403 for unknown and forbidden."""
+    profile = deps.profiles.get(name)
+    identity = matching_identity(caller.identities, profile.allow) if profile else None
+    if profile is None or identity is None:
+        deps.metrics.token_requests.labels(profile.name if profile else "_unknown", "forbidden").inc()
+        _audit(deps, "token_denied", profile=name if profile else None, identity=caller.primary,
+               outcome="denied", reason="not in allow-list" if profile else "unknown profile")
+        raise ApiError(403, FORBIDDEN)
+    return profile, identity
+
+
+def _audit(deps: ApiDeps, event: str, **fields: object) -> None:
+    try:
+        deps.audit.event(event, **fields)  # type: ignore[arg-type]
+    except AuditUnavailable:
+        raise ApiError(503, "the broker cannot write its audit log, so it hands out no tokens; ops must fix it",
+                       code="audit_unavailable", headers={"Retry-After": "5"}) from None
+
+
+def _min_ttl(request: web.Request, profile: ProfileConfig) -> float:
+    raw = request.query.get("min_ttl")
+    if raw is None:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApiError(400, f"min_ttl must be a whole number of seconds, got {raw[:40]!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ApiError(400, f"min_ttl must be a non-negative number of seconds, got {raw[:40]!r}")
+    limit = policy.max_min_ttl(profile.ttl)
+    if value > limit:
+        raise ApiError(400, f"min_ttl {int(value)}s is more than profile {profile.name} can ever give "
+                            f"(ttl {int(profile.ttl)}s; at most {int(limit)}s)")
+    return value
+
+
+def _retry_after(deps: ApiDeps, rotator: Rotator) -> str:
+    retry_at = rotator.retry_at
+    seconds = retry_at - deps.clock.now() if retry_at is not None else 1.0
+    return str(max(1, math.ceil(seconds)))
+
+
+def _unavailable(deps: ApiDeps, rotator: Rotator, detail: str) -> ApiError:
+    deps.metrics.token_requests.labels(rotator.name, "unavailable").inc()
+    return ApiError(503, f"no valid token for profile {rotator.name} right now ({detail}); retry later",
+                    headers={"Retry-After": _retry_after(deps, rotator)})
+
+
+def _token_body(profile: str, token: Token, now: float) -> dict[str, object]:
+    return {
+        "profile": profile, "token": token.value, "expires_at": rfc3339(token.expires_at),
+        "issued_at": rfc3339(token.issued_at), "ttl": max(0, int(token.expires_at - now)),
+        "generation": token.generation,
+    }
+
+
+async def get_token(request: web.Request) -> web.Response:
+    deps = request.app[DEPS]
+    caller = caller_of(request)
+    profile, identity = _profile_for(deps, caller, request.match_info["profile"])
+    if profile.mode != "shared":
+        raise ApiError(400, f"profile {profile.name} is per-job; start a token family with POST /v1/tokens/{profile.name}")
+    min_ttl = _min_ttl(request, profile)
+    rotator = deps.rotators[profile.name]
+    try:
+        token = await rotator.token_with(min_ttl)
+    except VaultError as exc:
+        raise _unavailable(deps, rotator, exc.detail) from None
+    now = deps.clock.now()
+    if not policy.is_servable(now, token, min_ttl):
+        raise _unavailable(deps, rotator, "the last token expired and Vault has not given a new one")
+    _audit(deps, "token_served", profile=profile.name, identity=identity, generation=token.generation,
+           token_fp=token.fp)
+    deps.metrics.token_requests.labels(profile.name, "served").inc()
+    if "text/plain" in request.headers.get("Accept", ""):
+        return web.Response(text=token.value, content_type="text/plain")
+    return web.json_response(_token_body(profile.name, token, now))
+
+
+async def list_tokens(request: web.Request) -> web.Response:
+    deps = request.app[DEPS]
+    caller = caller_of(request)
+    now = deps.clock.now()
+    listed = []
+    for profile in deps.profiles.values():
+        if matching_identity(caller.identities, profile.allow) is None:
+            continue
+        state = deps.cache.get(profile.name)
+        current = state.current if state else None
+        listed.append({
+            "name": profile.name,
+            "generation": current.generation if current else 0,
+            "expires_at": rfc3339(current.expires_at) if current else None,
+            "rotates_at": rfc3339(current.rotate_at) if current else None,
+            "healthy": bool(state and not state.unhealthy and policy.is_servable(now, current)),
+        })
+    return web.json_response({"profiles": listed})
+
+
+async def whoami(request: web.Request) -> web.Response:
+    deps = request.app[DEPS]
+    caller = caller_of(request)
+    allowed = [p.name for p in deps.profiles.values() if matching_identity(caller.identities, p.allow)]
+    return web.json_response({
+        "identities": list(caller.identities), "profiles": allowed,
+        "admin": is_admin(caller.identities, deps.admin_allow),
+    })
+
+
+def _admin_rotator(request: web.Request) -> tuple[ApiDeps, Caller, Rotator]:
+    deps = request.app[DEPS]
+    caller = caller_of(request)
+    name = request.match_info["profile"]
+    if not is_admin(caller.identities, deps.admin_allow):
+        _audit(deps, "token_denied", profile=name, identity=caller.primary, outcome="denied",
+               reason="admin action by a non-admin")
+        raise ApiError(403, "admin actions need a certificate matching [admin].allow")
+    rotator = deps.rotators.get(name)
+    if rotator is None:
+        known = ", ".join(sorted(deps.rotators)) or "none"
+        raise ApiError(404, f"no shared profile named {name[:64]!r}; known: {known}")
+    return deps, caller, rotator
+
+
+def _admin_body(rotator: Rotator) -> dict[str, object]:
+    current = rotator.state.current
+    return {"profile": rotator.name, "generation": current.generation if current else 0,
+            "expires_at": rfc3339(current.expires_at) if current else None}
+
+
+async def admin_rotate(request: web.Request) -> web.Response:
+    deps, caller, rotator = _admin_rotator(request)
+    try:
+        await rotator.rotate("admin")
+    except VaultError as exc:
+        raise _unavailable(deps, rotator, exc.detail) from None
+    _audit(deps, "admin_rotate", profile=rotator.name, identity=caller.primary, generation=rotator.state.generation)
+    return web.json_response(_admin_body(rotator))
+
+
+async def admin_revoke(request: web.Request) -> web.Response:
+    deps, caller, rotator = _admin_rotator(request)
+    _audit(deps, "admin_revoke", profile=rotator.name, identity=caller.primary, generation=rotator.state.generation,
+           reason="requested")
+    try:
+        await rotator.revoke_all()
+    except VaultError as exc:
+        raise _unavailable(deps, rotator, exc.detail) from None
+    return web.json_response(_admin_body(rotator))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/tokens", list_tokens)
+    app.router.add_get("/v1/whoami", whoami)
+    app.router.add_get("/v1/tokens/{profile}", get_token)
+    app.router.add_post("/v1/tokens/{profile}/rotate", admin_rotate)
+    app.router.add_post("/v1/tokens/{profile}/revoke", admin_revoke)

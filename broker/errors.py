@@ -1,0 +1,64 @@
+"""The broker's exception tree.
+
+Every failure the broker knows how to handle is one of these. Vault errors are classified once,
+in ``broker.vault.client``, into *retryable* (``VaultUnavailable``) and *fatal for this request*
+(the rest), so callers decide on retrying by type, never by inspecting messages.
+No message in this module's exceptions may carry a token value.
+"""
+
+from __future__ import annotations
+
+
+class BrokerError(Exception):
+    """Base class of every error the broker raises on purpose."""
+
+
+class ConfigError(BrokerError):
+    """The configuration is invalid; ``problems`` holds one human sentence per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class CertError(BrokerError):
+    """A certificate or key could not be created, read or used."""
+
+
+class VaultError(BrokerError):
+    """Vault answered, or failed to answer, in a way the caller must handle."""
+
+    retryable = False
+
+    def __init__(self, operation: str, detail: str) -> None:
+        self.operation = operation
+        self.detail = detail
+        super().__init__(f"vault {operation}: {detail}")
+
+
+class VaultUnavailable(VaultError):
+    """Vault is down, slow, sealed or overloaded: try again later with backoff."""
+
+    retryable = True
+
+
+class VaultPermissionDenied(VaultError):
+    """Vault refused the broker's own token (403): log in again, then retry."""
+
+    retryable = True
+
+
+class AuthRejected(VaultError):
+    """A login was refused: this credential will not work until an operator fixes it."""
+
+
+class TokenInvalid(VaultError):
+    """The token (or accessor) looked up is unknown to Vault: revoked, expired or lost."""
+
+
+class VaultRequestRejected(VaultError):
+    """Vault rejected the request itself (bad role, bad policy...): fatal until config changes."""
+
+
+class AuditUnavailable(BrokerError):
+    """The audit log cannot be written."""

@@ -1,0 +1,52 @@
+"""Liveness and readiness from component state (pure: no I/O, no clock reads)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from broker.audit import rfc3339
+from broker.tokens import policy
+from broker.tokens.model import ProfileState
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    details: dict[str, object]
+
+
+def profile_report(now: float, state: ProfileState) -> dict[str, object]:
+    current = state.current
+    reasons = []
+    if not policy.is_servable(now, current):
+        reasons.append("no valid current token")
+    if state.unhealthy:
+        reasons.append(f"{state.consecutive_failures} consecutive Vault failures: {state.last_error}")
+    return {
+        "ready": not reasons,
+        "generation": state.generation,
+        "expires_at": rfc3339(current.expires_at) if current else None,
+        "rotates_at": rfc3339(current.rotate_at) if current else None,
+        "consecutive_failures": state.consecutive_failures,
+        "reasons": reasons,
+    }
+
+
+def readiness(now: float, states: Iterable[ProfileState], audit_ok: bool, vault_authenticated: bool,
+              vault_error: str | None) -> Readiness:
+    profiles = {s.name: profile_report(now, s) for s in states}
+    problems = [f"profile {name}: {'; '.join(r['reasons'])}"  # type: ignore[arg-type]
+                for name, r in profiles.items() if not r["ready"]]
+    if not audit_ok:
+        problems.append("audit log cannot be written")
+    return Readiness(
+        ready=not problems,
+        details={
+            "ready": not problems,
+            "problems": problems,
+            "profiles": profiles,
+            "audit": "ok" if audit_ok else "failing",
+            "vault": {"authenticated": vault_authenticated, "last_error": vault_error},
+        },
+    )

@@ -1,0 +1,52 @@
+"""The ops listener: /healthz, /readyz, /metrics (plain HTTP, loopback by default)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from broker.clock import Clock
+from broker.metrics import Metrics
+from broker.ops.health import readiness
+from broker.tokens.model import TokenCache
+
+
+@dataclass(frozen=True)
+class OpsDeps:
+    cache: TokenCache
+    metrics: Metrics
+    clock: Clock
+    audit_ok: Callable[[], bool]
+    vault_status: Callable[[], tuple[bool, str | None]]
+
+
+OPS = web.AppKey("ops", OpsDeps)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    deps = request.app[OPS]
+    authenticated, vault_error = deps.vault_status()
+    result = readiness(deps.clock.now(), deps.cache.all(), deps.audit_ok(), authenticated, vault_error)
+    return web.json_response(result.details, status=200 if result.ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    deps = request.app[OPS]
+    body = generate_latest(deps.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def make_ops_app(deps: OpsDeps) -> web.Application:
+    app = web.Application()
+    app[OPS] = deps
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app

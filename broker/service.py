@@ -1,0 +1,192 @@
+"""Wires the broker together and runs it: listeners, authenticator, revocation queue and one
+rotator per shared profile, all in one TaskGroup; clean shutdown in reverse order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from broker import tls
+from broker.api.app import ApiDeps, make_app
+from broker.audit import AuditLog
+from broker.clock import Clock, SystemClock
+from broker.config import Config
+from broker.errors import CertError, ConfigError
+from broker.metrics import Metrics
+from broker.ops.server import OpsDeps, make_ops_app
+from broker.tokens.model import TokenCache
+from broker.tokens.revocations import RevocationQueue
+from broker.tokens.rotator import Rotator
+from broker.tokens.store import StateStore
+from broker.vault.auth import Authenticator, method_from_config
+from broker.vault.client import VaultClient, VaultClientConfig
+
+log = logging.getLogger("broker.service")
+
+SHUTDOWN_TIMEOUT = 10.0  # in-flight requests get this long to finish on SIGTERM
+
+
+class TLSSockSite(web.SockSite):
+    """aiohttp's SockSite, plus a handshake timeout so a stalled handshake frees its slot."""
+
+    __slots__ = ("_handshake_timeout",)
+
+    def __init__(self, runner: web.BaseRunner, sock: socket.socket, *, ssl_context: object,
+                 handshake_timeout: float) -> None:
+        super().__init__(runner, sock, ssl_context=ssl_context)  # type: ignore[arg-type]
+        self._handshake_timeout = handshake_timeout
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server, sock=self._sock, ssl=self._ssl_context, backlog=self._backlog,
+            ssl_handshake_timeout=self._handshake_timeout,
+        )
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host, port), family=family, reuse_port=False)
+    except OSError as exc:
+        raise ConfigError([f"cannot listen on {host}:{port}: {exc.strerror or exc}"]) from None
+    sock.setblocking(False)
+    return sock
+
+
+@dataclass
+class Broker:
+    config: Config
+    clock: Clock
+    metrics: Metrics
+    audit: AuditLog
+    store: StateStore
+    vault: VaultClient
+    auth: Authenticator
+    cache: TokenCache
+    revocations: RevocationQueue
+    rotators: dict[str, Rotator]
+    tls_context: tls.ReloadableServerContext
+    api_port: int = 0
+    ops_port: int = 0
+    _runners: list[web.AppRunner] = field(default_factory=list)
+
+    def reload_tls(self) -> None:
+        try:
+            self.tls_context.reload()
+        except CertError as exc:
+            log.error("tls_reload_failed error=%s action=keeping the previous certificate", exc)
+            return
+        log.info("tls_reloaded cert=%s client_ca=%s", self.config.server.cert, self.config.server.client_ca)
+
+    async def _start_listeners(self) -> None:
+        cfg = self.config
+        api = web.AppRunner(make_app(ApiDeps(
+            profiles=cfg.profiles, admin_allow=cfg.admin.allow, cache=self.cache, rotators=self.rotators,
+            audit=self.audit, metrics=self.metrics, clock=self.clock, max_body_bytes=cfg.server.max_body_bytes,
+        )), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
+        ops = web.AppRunner(make_ops_app(OpsDeps(
+            cache=self.cache, metrics=self.metrics, clock=self.clock, audit_ok=lambda: self.audit.healthy,
+            vault_status=lambda: (self.auth.authenticated, self.auth.last_error),
+        )), access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        api_sock = bind(cfg.server.host, cfg.server.port)
+        ops_sock = bind(cfg.ops.host, cfg.ops.port)
+        self.api_port = api_sock.getsockname()[1]
+        self.ops_port = ops_sock.getsockname()[1]
+        for runner in (api, ops):
+            await runner.setup()
+            self._runners.append(runner)
+        await TLSSockSite(api, api_sock, ssl_context=self.tls_context.context,
+                          handshake_timeout=cfg.server.handshake_timeout).start()
+        await web.SockSite(ops, ops_sock).start()
+        log.info("listening api=https://%s:%d ops=http://%s:%d", cfg.server.host, self.api_port,
+                 cfg.ops.host, self.ops_port)
+
+    async def _stop_listeners(self) -> None:
+        # Reverse order of start; each cleanup stops accepting, then waits for in-flight requests.
+        while self._runners:
+            await self._runners.pop().cleanup()
+
+    async def run(self, stop: asyncio.Event, on_started: Callable[[Broker], None] | None = None) -> None:
+        self.audit.open()
+        self.store.prepare()
+        self.revocations.load()
+        for rotator in self.rotators.values():
+            rotator.restore()
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self.auth.run(), name="auth"),
+                         group.create_task(self.revocations.run(), name="revocations")]
+                tasks += [group.create_task(r.run(), name=f"rotator:{r.name}") for r in self.rotators.values()]
+                await self._start_listeners()
+                if on_started:
+                    on_started(self)
+                await stop.wait()
+                log.info("shutdown listeners=stopping in_flight_timeout=%ss", SHUTDOWN_TIMEOUT)
+                await self._stop_listeners()
+                for task in tasks:
+                    task.cancel()
+        finally:
+            await self._stop_listeners()
+            self.vault.close()
+            self.audit.close()
+
+
+def build(config: Config, clock: Clock | None = None, registry: CollectorRegistry | None = None,
+          rng: random.Random | None = None) -> Broker:
+    per_job = [p.name for p in config.profiles.values() if p.mode != "shared"]
+    if per_job:
+        raise ConfigError([f"profiles.{n}.mode: per-job profiles are not available in this version yet"
+                           for n in per_job])
+    clock = clock or SystemClock()
+    rng = rng or random.Random()
+    metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    metrics.vault_authenticated.set(0)
+    metrics.revocations_pending.set(0)
+    audit = AuditLog(config.audit.path, clock)
+    store = StateStore(config.state.dir)
+    vcfg = config.vault
+    vault = VaultClient(VaultClientConfig(address=vcfg.address, timeout=vcfg.timeout,
+                                          ca_cert=str(vcfg.ca_cert) if vcfg.ca_cert else None), metrics)
+    auth = Authenticator(vault, [method_from_config(a) for a in vcfg.auth], clock, audit, metrics, rng)
+    cache = TokenCache()
+    revocations = RevocationQueue(store, vault, auth, clock, audit, metrics, rng)
+    rotators = {
+        name: Rotator(profile, vault, auth, cache, revocations, store, clock, audit, metrics, rng)
+        for name, profile in config.profiles.items()
+    }
+    return Broker(config=config, clock=clock, metrics=metrics, audit=audit, store=store, vault=vault, auth=auth,
+                  cache=cache, revocations=revocations, rotators=rotators,
+                  tls_context=tls.ReloadableServerContext(config.server))
+
+
+def install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency everywhere but Windows
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def serve_until_signalled(broker: Broker, on_started: Callable[[Broker], None] | None = None) -> None:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads the TLS certificate and client CA."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, broker.reload_tls)
+    try:
+        await broker.run(stop, on_started)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)

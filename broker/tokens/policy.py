@@ -1,0 +1,68 @@
+"""Rotation timing as pure functions of time and tokens (no I/O, no clock reads, no randomness).
+
+Randomness (jitter) comes in as a number in [0, 1) so that every rule here is a plain,
+testable function; the rotator draws it and does all the I/O.
+"""
+
+from __future__ import annotations
+
+from broker.config import ROTATION_JITTER as JITTER  # ±10 %: a fleet of brokers does not mint in lockstep
+from broker.tokens.model import Token
+
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 300.0
+MIN_RETRY_DELAY = 0.05  # full jitter can draw ~0; never spin
+SERVE_MARGIN = 1.0  # a token with less than this left is not worth handing out
+
+
+def rotate_at(issued_at: float, expires_at: float, ttl: float, rotate_after: float, jitter: float) -> float:
+    """When a token minted at ``issued_at`` should be replaced.
+
+    ``jitter`` in [0, 1) maps to ±JITTER. If Vault granted less than the requested ``ttl``
+    (a role or system max_ttl), rotate at the same fraction of the granted lifetime.
+    """
+    granted = expires_at - issued_at
+    scale = min(1.0, granted / ttl) if ttl > 0 else 1.0
+    factor = 1.0 + JITTER * (2 * jitter - 1)
+    return issued_at + rotate_after * scale * factor
+
+
+def should_rotate(now: float, token: Token | None) -> bool:
+    return token is None or now >= token.rotate_at
+
+
+def is_servable(now: float, token: Token | None, min_ttl: float = 0.0) -> bool:
+    return token is not None and token.expires_at - now >= max(SERVE_MARGIN, min_ttl)
+
+
+def grace_until(rotated_at: float, grace: float, previous: Token) -> float:
+    """The previous token is revoked at rotation + grace, or when it expires anyway."""
+    return min(rotated_at + grace, previous.expires_at)
+
+
+def backoff_delay(failures: int, jitter: float, now: float, current: Token | None) -> float:
+    """Full-jitter exponential backoff (1 s doubling to 5 min) after ``failures`` >= 1 failures.
+
+    While a token is still being served, never sleep past its expiry: the last chance to
+    replace it must not be slept through.
+    """
+    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, failures - 1))
+    delay = jitter * ceiling
+    if current is not None and current.expires_at > now:
+        delay = min(delay, current.expires_at - now)
+    return max(MIN_RETRY_DELAY, delay)
+
+
+def max_min_ttl(ttl: float) -> float:
+    """The most ``min_ttl`` a fetch may ask for: a fresh token's lifetime, less the serve margin."""
+    return ttl - SERVE_MARGIN
+
+
+def rotation_due_at(now: float, current: Token | None, retry_at: float | None) -> float:
+    """After a failure the backoff decides (retry_at); otherwise the token's own rotate_at.
+
+    With nothing to serve, rotation is due now.
+    """
+    if retry_at is not None:
+        return retry_at
+    return now if current is None else current.rotate_at

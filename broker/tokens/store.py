@@ -1,0 +1,89 @@
+"""What must survive a restart: pending revocations and each profile's last generation.
+
+Only accessors, fingerprints and times are stored (never token values), in 0600 JSON files
+replaced atomically (temp file, fsync, rename, fsync of the directory), so a crash at any
+moment leaves either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+@dataclass(frozen=True)
+class PendingRevocation:
+    accessor: str = field(repr=False)
+    profile: str
+    generation: int
+    token_fp: str
+    revoke_at: float
+
+
+@dataclass(frozen=True)
+class IssuedRecord:
+    """The profile's current token as a restart needs to know it: to revoke it after grace."""
+
+    accessor: str = field(repr=False)
+    generation: int
+    token_fp: str
+    expires_at: float
+
+
+class StateStore:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._revocations = directory / "revocations.json"
+        self._profiles = directory / "profiles.json"
+
+    def prepare(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def load_revocations(self) -> list[PendingRevocation]:
+        return [PendingRevocation(**item) for item in read_json(self._revocations) or []]
+
+    def save_revocations(self, pending: list[PendingRevocation]) -> None:
+        write_atomic(self._revocations, json.dumps([asdict(p) for p in pending], indent=1).encode())
+
+    def load_issued(self) -> dict[str, IssuedRecord]:
+        raw = read_json(self._profiles) or {}
+        return {name: IssuedRecord(**item) for name, item in raw.items()}
+
+    def set_issued(self, profile: str, record: IssuedRecord) -> None:
+        issued = self.load_issued()
+        issued[profile] = record
+        write_atomic(self._profiles, json.dumps({k: asdict(v) for k, v in issued.items()}, indent=1).encode())

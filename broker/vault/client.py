@@ -1,0 +1,233 @@
+"""The only module that imports hvac.
+
+hvac is blocking, so every call runs on a small dedicated thread pool with a timeout; the event
+loop never waits on Vault. Every failure is classified here, once, into the ``VaultError``
+tree (retryable ``VaultUnavailable`` / ``VaultPermissionDenied`` vs the fatal rest), and every
+call is counted in ``broker_vault_requests_total`` and timed. Responses are reduced to the
+fields the broker needs: Vault's lookup answers carry the token itself (``id``), so raw
+responses never leave this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+import hvac
+import hvac.exceptions as hx
+import requests
+
+from broker.errors import (
+    AuthRejected,
+    TokenInvalid,
+    VaultError,
+    VaultPermissionDenied,
+    VaultRequestRejected,
+    VaultUnavailable,
+)
+from broker.metrics import Metrics
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Login:
+    """The broker's own credential after a login. ``ttl`` 0 means it never expires."""
+
+    token: str = field(repr=False)
+    accessor: str = field(repr=False)
+    ttl: float
+    renewable: bool
+
+
+@dataclass(frozen=True)
+class Minted:
+    token: str = field(repr=False)
+    accessor: str = field(repr=False)
+    ttl: float
+    orphan: bool
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    ttl: float
+    expire_time: float | None
+    renewable: bool
+    orphan: bool
+    meta: dict[str, str]
+
+
+@dataclass(frozen=True)
+class VaultClientConfig:
+    address: str
+    timeout: float = 5.0
+    ca_cert: str | None = None
+    workers: int = 4
+
+
+def _message(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] or type(exc).__name__
+
+
+def classify(operation: str, exc: BaseException) -> VaultError:
+    """Map any failure of a Vault call to the broker's error tree, in one place."""
+    if isinstance(exc, VaultError):
+        return exc
+    if isinstance(exc, (requests.exceptions.Timeout, TimeoutError)):
+        return VaultUnavailable(operation, "timed out waiting for Vault")
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        return VaultUnavailable(operation, "cannot connect to Vault")
+    if isinstance(exc, (hx.VaultDown, hx.InternalServerError, hx.BadGateway, hx.RateLimitExceeded)):
+        return VaultUnavailable(operation, _message(exc))
+    msg = _message(exc)
+    is_login = operation.startswith("login")
+    if is_login and isinstance(exc, (hx.InvalidRequest, hx.Forbidden, hx.Unauthorized, hx.InvalidPath)):
+        return AuthRejected(operation, msg)
+    if isinstance(exc, hx.Forbidden) and operation == "lookup_token" and "bad token" in msg:
+        return TokenInvalid(operation, "token is not known to Vault")
+    if isinstance(exc, (hx.Forbidden, hx.Unauthorized)):
+        return VaultPermissionDenied(operation, msg)
+    if isinstance(exc, hx.InvalidRequest) and "invalid accessor" in msg:
+        return TokenInvalid(operation, "accessor is not known to Vault")
+    if isinstance(exc, (hx.InvalidRequest, hx.InvalidPath, hx.ParamValidationError, hx.UnsupportedOperation)):
+        return VaultRequestRejected(operation, msg)
+    return VaultUnavailable(operation, f"{type(exc).__name__}: {msg}")
+
+
+def _expire_time(value: Any) -> float | None:
+    if not value:
+        return None
+    text = str(value)
+    # Vault gives nanoseconds ("...:42.570176361Z"); fromisoformat takes at most microseconds.
+    if "." in text:
+        head, _, frac = text.partition(".")
+        digits = "".join(ch for ch in frac if ch.isdigit())
+        tail = frac[len(digits):]
+        text = f"{head}.{digits[:6]}{tail}"
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def _token_info(data: dict[str, Any]) -> TokenInfo:
+    return TokenInfo(
+        ttl=float(data.get("ttl") or 0),
+        expire_time=_expire_time(data.get("expire_time")),
+        renewable=bool(data.get("renewable")),
+        orphan=bool(data.get("orphan")),
+        meta=dict(data.get("meta") or {}),
+    )
+
+
+class VaultClient:
+    def __init__(self, config: VaultClientConfig, metrics: Metrics) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="vault")
+        self._hvac = self._new_hvac()
+
+    def _new_hvac(self, cert: tuple[str, str] | None = None) -> hvac.Client:
+        verify: bool | str = self._config.ca_cert or True
+        return hvac.Client(url=self._config.address, timeout=self._config.timeout, verify=verify, cert=cert)
+
+    @property
+    def address(self) -> str:
+        return self._config.address
+
+    def use_token(self, token: str) -> None:
+        self._hvac.token = token
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._hvac.adapter.close()
+
+    async def _call(self, operation: str, fn: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            future = loop.run_in_executor(self._executor, fn)
+            # The HTTP timeout bounds each socket operation; this bounds the whole call.
+            result = await asyncio.wait_for(future, timeout=self._config.timeout * 2 + 1)
+            outcome = "success"
+            return result
+        except Exception as exc:  # noqa: BLE001 - classified right here, once
+            error = classify(operation, exc)
+            outcome = "unavailable" if isinstance(error, VaultUnavailable) else type(error).__name__
+            raise error from None
+        finally:
+            self._metrics.vault_requests.labels(operation, outcome).inc()
+            self._metrics.vault_duration.labels(operation).observe(time.perf_counter() - started)
+
+    # --- the broker's own credential -------------------------------------------------
+
+    async def login_approle(self, mount: str, role_id: str, secret_id: str) -> Login:
+        def call() -> dict[str, Any]:
+            return self._hvac.auth.approle.login(role_id, secret_id, use_token=False, mount_point=mount)
+
+        return self._login(await self._call("login_approle", call))
+
+    async def login_cert(self, mount: str, cert_file: str, key_file: str, role: str | None) -> Login:
+        def call() -> dict[str, Any]:
+            client = self._new_hvac(cert=(cert_file, key_file))
+            try:
+                path = f"auth/{mount}/login"
+                return client.adapter.post(path, json={"name": role} if role else {})
+            finally:
+                client.adapter.close()
+
+        return self._login(await self._call("login_cert", call))
+
+    async def lookup_self_with(self, token: str) -> Login:
+        """Treat a given token as a login: check it works and learn its TTL."""
+
+        def call() -> dict[str, Any]:
+            client = self._new_hvac()
+            client.token = token
+            try:
+                return client.auth.token.lookup_self()
+            finally:
+                client.adapter.close()
+
+        data = (await self._call("login_token", call))["data"]
+        return Login(token=token, accessor=str(data.get("accessor", "")),
+                     ttl=float(data.get("ttl") or 0), renewable=bool(data.get("renewable")))
+
+    async def renew_self(self) -> float:
+        """Renew the broker's own token; returns the new TTL in seconds."""
+        response = await self._call("renew_self", lambda: self._hvac.auth.token.renew_self())
+        return float(response["auth"]["lease_duration"])
+
+    @staticmethod
+    def _login(response: dict[str, Any]) -> Login:
+        auth = response["auth"]
+        return Login(token=auth["client_token"], accessor=auth.get("accessor", ""),
+                     ttl=float(auth.get("lease_duration") or 0), renewable=bool(auth.get("renewable")))
+
+    # --- tokens the broker hands out -----------------------------------------------
+
+    async def create_token(self, role: str, policies: tuple[str, ...], ttl: float, meta: dict[str, str]) -> Minted:
+        def call() -> dict[str, Any]:
+            return self._hvac.auth.token.create(
+                role_name=role, policies=list(policies) or None, ttl=f"{int(ttl)}s",
+                renewable=False, meta=meta,
+            )
+
+        auth = (await self._call("create_token", call))["auth"]
+        return Minted(token=auth["client_token"], accessor=auth["accessor"],
+                      ttl=float(auth.get("lease_duration") or 0), orphan=bool(auth.get("orphan")))
+
+    async def lookup_token(self, token: str) -> TokenInfo:
+        data = await self._call("lookup_token", lambda: self._hvac.auth.token.lookup(token))
+        return _token_info(data["data"])
+
+    async def lookup_accessor(self, accessor: str) -> TokenInfo:
+        data = await self._call("lookup_accessor", lambda: self._hvac.auth.token.lookup_accessor(accessor))
+        return _token_info(data["data"])
+
+    async def revoke_accessor(self, accessor: str) -> None:
+        await self._call("revoke_accessor", lambda: self._hvac.auth.token.revoke_accessor(accessor))

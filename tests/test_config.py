@@ -1,0 +1,738 @@
+"""broker.config: durations, loading, and one test per class of configuration problem."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from broker.config import (
+    DEFAULT_CIPHERSUITES,
+    AuthConfig,
+    check_config,
+    check_secret_file_mode,
+    default_rotate_after,
+    format_duration,
+    load_config,
+    parse_duration,
+)
+from broker.errors import ConfigError
+
+# Mirrors DESIGN §5, minus rotate_after (so the default is exercised) and with a per-job profile.
+VALID = """\
+[server]
+listen = "127.0.0.1:8443"
+cert = "certs/server.pem"
+key = "certs/server.key"
+client_ca = "certs/ca.pem"
+tls13_ciphersuites = ["TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256"]
+
+[ops]
+listen = "127.0.0.1:9090"
+
+[audit]
+path = "audit.jsonl"
+
+[state]
+dir = "state"
+
+[vault]
+address = "http://127.0.0.1:8200"
+ca_cert = ""
+timeout = "5s"
+
+[[vault.auth]]
+method = "approle"
+role_id_file = "secrets/role_id"
+secret_id_file = "secrets/secret_id"
+
+[[vault.auth]]
+method = "token"
+token_file = "secrets/token"
+
+[admin]
+allow = ["cn:ops-*"]
+
+[profiles.deploy]
+mode = "shared"
+token_role = "ci-deploy"
+policies = ["deploy"]
+ttl = "1h"
+grace = "15m"
+allow = ["uri:spiffe://ci.example/runner/*", "cn:job-*"]
+check_interval = "60s"
+alert_threshold = 2
+
+[profiles.jobs]
+mode = "per-job"
+token_role = "ci-jobs"
+ttl = "10m"
+grace = "1m"
+allow = ["dns:*.runners.example"]
+reuse_interval = "20s"
+"""
+
+TOKEN = "hvs.CAESIJx9aZ3vQ0hY5xkP2mWnT8rLbD"  # token-shaped, never a real one
+
+
+def _write(path: Path, text: str = "dummy\n", mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    os.chmod(path, mode)
+
+
+def _setup(tmp_path: Path, text: str = VALID) -> Path:
+    """Write the config and every file it names; secret files get 0600."""
+    _write(tmp_path / "certs/server.pem")
+    _write(tmp_path / "certs/ca.pem")
+    _write(tmp_path / "certs/server.key", mode=0o600)
+    _write(tmp_path / "secrets/role_id")
+    _write(tmp_path / "secrets/secret_id", mode=0o600)
+    _write(tmp_path / "secrets/token", mode=0o600)
+    _write(tmp_path / "certs/vault-client.pem")
+    _write(tmp_path / "certs/vault-client.key", mode=0o600)
+    config = tmp_path / "broker.toml"
+    config.write_text(text)
+    return config
+
+
+def _mutated(old: str, new: str, text: str = VALID) -> str:
+    assert old in text, old
+    return text.replace(old, new, 1)
+
+
+def _problems(tmp_path: Path, text: str) -> list[str]:
+    """The problems of ``text``, checking load_config and check_config agree."""
+    config = _setup(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(config)
+    assert check_config(config) == caught.value.problems
+    return caught.value.problems
+
+
+def _only_problem(tmp_path: Path, text: str) -> str:
+    problems = _problems(tmp_path, text)
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+# --- durations --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90s", 90),
+        ("15m", 900),
+        ("1h", 3600),
+        ("1h30m", 5400),
+        ("500ms", 0.5),
+        ("2d", 172800),
+        ("1m30.5s", 90.5),
+        ("30", 30),
+        (30, 30),
+        ("0s", 0),
+        (" 5m ", 300),
+    ],
+)
+def test_parse_duration_accepts(text: str | int, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("abc", "'abc' is not a duration; use a number with a unit, like 90s, 15m or 1h"),
+        ("", "an empty string is not a duration"),
+        ("-5s", "'-5s' is negative"),
+        (-5, "-5 is negative"),
+        ("15 m", "is not a duration"),
+        ("1h1h", "is not a duration"),
+        ("30m1h", "is not a duration"),
+        ("5M", "is not a duration"),
+        ("1.h", "is not a duration"),
+        (True, "is not a duration"),
+    ],
+)
+def test_parse_duration_rejects(text: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        parse_duration(text)  # type: ignore[arg-type]
+
+
+def test_parse_duration_error_hides_token() -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_duration(TOKEN)
+    assert TOKEN not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(2400, "40m"), (3600, "1h"), (5400, "1h30m"), (4, "4s"), (2904, "48m24s"), (0.5, "500ms"),
+     (0, "0s"), (90.5, "1m30.5s"), (86400, "24h"), (3604, "1h4s")],
+)
+def test_format_duration(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+    assert parse_duration(text) == seconds
+
+
+def test_default_rotate_after() -> None:
+    assert default_rotate_after(3600, 900) == pytest.approx(2400)
+    # Second-scale TTLs: margin is ttl/10, and the jittered rotation plus grace still fits.
+    rotate = default_rotate_after(10, 2)
+    assert 0 < rotate and rotate * 1.1 + 2 <= 10
+    # Where ttl - grace - margin is the smaller term, jitter is accounted for too.
+    rotate = default_rotate_after(3600, 1500)
+    assert rotate * 1.1 + 1500 <= 3600
+
+
+# --- a valid config ---------------------------------------------------------------------------
+
+
+def test_valid_config_loads(tmp_path: Path) -> None:
+    config = load_config(_setup(tmp_path))
+
+    assert config.source == tmp_path / "broker.toml"
+    assert (config.server.host, config.server.port) == ("127.0.0.1", 8443)
+    assert config.server.cert == tmp_path / "certs/server.pem"
+    assert config.server.key == tmp_path / "certs/server.key"
+    assert config.server.client_ca == tmp_path / "certs/ca.pem"
+    assert config.server.tls13_ciphersuites == DEFAULT_CIPHERSUITES
+    assert config.server.max_body_bytes == 64 * 1024
+    assert config.server.handshake_timeout == 10.0
+    assert (config.ops.host, config.ops.port) == ("127.0.0.1", 9090)
+    assert config.audit.path == tmp_path / "audit.jsonl"
+    assert config.state.dir == tmp_path / "state"
+    assert config.vault.address == "http://127.0.0.1:8200"
+    assert config.vault.ca_cert is None
+    assert config.vault.timeout == 5.0
+    assert config.vault.auth == (
+        AuthConfig(
+            method="approle",
+            mount="approle",
+            role_id_file=tmp_path / "secrets/role_id",
+            secret_id_file=tmp_path / "secrets/secret_id",
+        ),
+        AuthConfig(method="token", token_file=tmp_path / "secrets/token"),
+    )
+    assert config.admin.allow == ("cn:ops-*",)
+
+    deploy = config.profiles["deploy"]
+    assert deploy.name == "deploy"
+    assert deploy.mode == "shared"
+    assert deploy.token_role == "ci-deploy"
+    assert deploy.policies == ("deploy",)
+    assert (deploy.ttl, deploy.grace) == (3600.0, 900.0)
+    assert deploy.rotate_after == pytest.approx(2400.0)  # 40m, the default
+    assert deploy.allow == ("uri:spiffe://ci.example/runner/*", "cn:job-*")
+    assert (deploy.check_interval, deploy.alert_threshold) == (60.0, 2)
+
+    jobs = config.profiles["jobs"]
+    assert jobs.mode == "per-job"
+    assert jobs.policies == ()
+    assert (jobs.reuse_interval, jobs.family_max_age) == (20.0, 86400.0)
+    assert isinstance(jobs.allow, tuple)
+    assert check_config(tmp_path / "broker.toml") == []
+
+
+def test_defaults_for_optional_sections(tmp_path: Path) -> None:
+    text = VALID
+    for section in ('[ops]\nlisten = "127.0.0.1:9090"\n', '[audit]\npath = "audit.jsonl"\n',
+                    '[state]\ndir = "state"\n', '[admin]\nallow = ["cn:ops-*"]\n'):
+        text = _mutated(section, "", text)
+    text = _mutated('tls13_ciphersuites = ["TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256"]\n',
+                    "", text)
+    text = _mutated('grace = "15m"\n', "", text)
+    config = load_config(_setup(tmp_path, text))
+    assert (config.ops.host, config.ops.port) == ("127.0.0.1", 9090)
+    assert config.audit.path == tmp_path / "audit.jsonl"
+    assert config.state.dir == tmp_path / "state"
+    assert config.admin.allow == ()
+    assert config.server.tls13_ciphersuites == DEFAULT_CIPHERSUITES
+    assert config.profiles["deploy"].grace == 900.0
+
+
+def test_explicit_values_and_ipv6_listen(tmp_path: Path) -> None:
+    text = _mutated('listen = "127.0.0.1:8443"', 'listen = "[::1]:8443"\nmax_body_bytes = 1024\n'
+                    'handshake_timeout = "3s"')
+    text = _mutated('ca_cert = ""', 'ca_cert = "certs/ca.pem"', text)
+    text = _mutated('grace = "15m"', 'grace = "15m"\nrotate_after = "30m"', text)
+    text = _mutated('path = "audit.jsonl"', 'path = "/var/log/broker/audit.jsonl"', text)
+    config = load_config(_setup(tmp_path, text))
+    assert (config.server.host, config.server.port) == ("::1", 8443)
+    assert (config.server.max_body_bytes, config.server.handshake_timeout) == (1024, 3.0)
+    assert config.vault.ca_cert == tmp_path / "certs/ca.pem"
+    assert config.profiles["deploy"].rotate_after == 1800.0
+    assert config.audit.path == Path("/var/log/broker/audit.jsonl")
+
+
+def test_cert_auth_and_approle_options(tmp_path: Path) -> None:
+    text = _mutated('secret_id_file = "secrets/secret_id"',
+                    'secret_id_file = "secrets/secret_id"\nmount = "ci-approle"\n'
+                    'rotate_secret_id = "24h"')
+    text += ('\n[[vault.auth]]\nmethod = "cert"\ncert_file = "certs/vault-client.pem"\n'
+             'key_file = "certs/vault-client.key"\ncert_role = "broker"\n')
+    # Keep [[vault.auth]] inside [vault]: TOML arrays of tables may follow other tables.
+    auth = load_config(_setup(tmp_path, text)).vault.auth
+    assert (auth[0].mount, auth[0].rotate_secret_id) == ("ci-approle", 86400.0)
+    assert auth[2] == AuthConfig(
+        method="cert",
+        mount="cert",
+        cert_file=tmp_path / "certs/vault-client.pem",
+        key_file=tmp_path / "certs/vault-client.key",
+        cert_role="broker",
+    )
+
+
+def test_token_env_auth(tmp_path: Path) -> None:
+    text = _mutated('token_file = "secrets/token"', 'token_env = "VAULT_TOKEN"')
+    auth = load_config(_setup(tmp_path, text)).vault.auth[1]
+    assert (auth.token_env, auth.token_file) == ("VAULT_TOKEN", None)
+
+
+def test_second_scale_ttl_profile_loads(tmp_path: Path) -> None:
+    text = _mutated('ttl = "1h"\ngrace = "15m"', 'ttl = "10s"\ngrace = "2s"')
+    profile = load_config(_setup(tmp_path, text)).profiles["deploy"]
+    assert 0 < profile.rotate_after and profile.rotate_after * 1.1 + 2 <= 10
+
+
+# --- the file itself --------------------------------------------------------------------------
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    assert check_config(missing) == [f"{missing}: config file does not exist"]
+
+
+def test_invalid_toml_is_one_problem_with_line(tmp_path: Path) -> None:
+    problem = _only_problem(tmp_path, _mutated('ttl = "1h"', 'ttl = "1h'))
+    assert problem.startswith(f"{tmp_path / 'broker.toml'}: invalid TOML: ")
+    line = VALID[: VALID.index('ttl = "1h"')].count("\n") + 1
+    assert f"(at line {line}, column 10)" in problem
+
+
+# --- unknown keys and types -------------------------------------------------------------------
+
+
+def test_unknown_key_with_suggestion(tmp_path: Path) -> None:
+    # The misspelt ttl is also missing; both are reported.
+    assert _problems(tmp_path, _mutated('ttl = "1h"', 'tll = "1h"')) == [
+        "profiles.deploy.ttl: required key is missing",
+        "unknown key 'profiles.deploy.tll'; did you mean 'ttl'?",
+    ]
+    text = _mutated('check_interval = "60s"', 'check_interval = "60s"\ngrase = "1m"')
+    assert _only_problem(tmp_path, text) == "unknown key 'profiles.deploy.grase'; did you mean 'grace'?"
+
+
+def test_unknown_key_without_suggestion_and_unknown_section(tmp_path: Path) -> None:
+    text = _mutated('[ops]', '[metrics]\nport = 9\n\n[ops]\nzzz = 1')
+    problems = _problems(tmp_path, text)
+    assert "unknown key 'ops.zzz'" in problems
+    assert "unknown key 'metrics'" in problems
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ('listen = "127.0.0.1:8443"', 'listen = "127.0.0.1:8443"\nmax_body_bytes = "64k"',
+         "server.max_body_bytes: expected an integer, got a string ('64k')"),
+        ('ttl = "1h"', "ttl = true", "profiles.deploy.ttl: expected a duration like 15m, got a boolean"),
+        ('policies = ["deploy"]', 'policies = "deploy"',
+         "profiles.deploy.policies: expected a list, got a string ('deploy')"),
+        ('policies = ["deploy"]', "policies = [1]",
+         "profiles.deploy.policies[0]: expected a string, got an integer (1)"),
+        ('token_role = "ci-deploy"', "token_role = { name = 'x' }",
+         "profiles.deploy.token_role: expected a string, got a table"),
+        ('alert_threshold = 2', "alert_threshold = 1.5",
+         "profiles.deploy.alert_threshold: expected an integer, got a number (1.5)"),
+    ],
+)
+def test_wrong_types(tmp_path: Path, old: str, new: str, expected: str) -> None:
+    assert _only_problem(tmp_path, _mutated(old, new)) == expected
+
+
+def test_section_of_wrong_type(tmp_path: Path) -> None:
+    text = "ops = 5\n" + _mutated('[ops]\nlisten = "127.0.0.1:9090"\n', "")
+    assert _only_problem(tmp_path, text) == "ops: expected a table, got an integer (5)"
+    text = "profiles = 5\n" + VALID.split("[profiles.deploy]")[0]
+    assert _only_problem(tmp_path, text) == "profiles: expected a table, got an integer (5)"
+
+
+def test_vault_auth_must_be_array_of_tables(tmp_path: Path) -> None:
+    text = VALID.split("[[vault.auth]]")[0] + '[vault.auth]\nmethod = "token"\n\n[admin]' + \
+        VALID.split("[admin]")[1]
+    assert _only_problem(tmp_path, text) == (
+        "vault.auth: expected an array of tables; write [[vault.auth]] with two brackets"
+    )
+
+
+# --- required keys ----------------------------------------------------------------------------
+
+
+def test_required_keys_and_sections(tmp_path: Path) -> None:
+    text = _mutated('cert = "certs/server.pem"\n', "")
+    text = _mutated('address = "http://127.0.0.1:8200"\n', "", text)
+    assert _problems(tmp_path, text) == [
+        "server.cert: required key is missing",
+        "vault.address: required key is missing",
+    ]
+
+
+def test_missing_server_section_is_one_problem(tmp_path: Path) -> None:
+    text = VALID.split("[ops]")[1]
+    assert _problems(tmp_path, "[ops]" + text) == ["server: required section [server] is missing"]
+
+
+def test_no_vault_auth_and_no_profiles(tmp_path: Path) -> None:
+    text = VALID.split("[[vault.auth]]")[0] + "[admin]" + VALID.split("[admin]")[1].split(
+        "[profiles.deploy]")[0]
+    assert _problems(tmp_path, text) == [
+        "vault.auth: at least one [[vault.auth]] entry is required",
+        "profiles: at least one [profiles.<name>] section is required",
+    ]
+
+
+# --- files ------------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    config = _setup(tmp_path)
+    (tmp_path / "certs/server.pem").unlink()
+    problem = check_config(config)
+    assert problem == [
+        f"server.cert: file certs/server.pem does not exist (resolved to {tmp_path}/certs/server.pem)"
+    ]
+
+
+def test_file_that_is_a_directory(tmp_path: Path) -> None:
+    problem = _only_problem(tmp_path, _mutated('client_ca = "certs/ca.pem"', 'client_ca = "certs"'))
+    assert problem.startswith("server.client_ca: certs is not a regular file")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_file(tmp_path: Path) -> None:
+    config = _setup(tmp_path)
+    os.chmod(tmp_path / "certs/ca.pem", 0o000)
+    assert check_config(config)[0].startswith(
+        "server.client_ca: file certs/ca.pem is not readable: Permission denied"
+    )
+
+
+def test_relative_paths_resolve_against_config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                   ) -> None:
+    config = _setup(tmp_path)
+    monkeypatch.chdir("/")
+    assert load_config(config).server.cert == tmp_path / "certs/server.pem"
+
+
+@pytest.mark.parametrize(
+    ("key", "file"),
+    [("server.key", "certs/server.key"), ("vault.auth[0].secret_id_file", "secrets/secret_id"),
+     ("vault.auth[1].token_file", "secrets/token")],
+)
+def test_secret_file_readable_by_others(tmp_path: Path, key: str, file: str) -> None:
+    config = _setup(tmp_path)
+    os.chmod(tmp_path / file, 0o644)
+    assert check_config(config) == [
+        f"{key}: secret file {tmp_path / file} has mode 0644, so group or others can access it; "
+        f"run chmod 600 {tmp_path / file}"
+    ]
+
+
+def test_cert_auth_key_file_mode(tmp_path: Path) -> None:
+    text = VALID.replace('method = "token"\ntoken_file = "secrets/token"',
+                         'method = "cert"\ncert_file = "certs/vault-client.pem"\n'
+                         'key_file = "certs/vault-client.key"')
+    config = _setup(tmp_path, text)
+    os.chmod(tmp_path / "certs/vault-client.key", 0o640)
+    (problem,) = check_config(config)
+    assert problem.startswith("vault.auth[1].key_file: secret file")
+    assert "mode 0640" in problem and "chmod 600" in problem
+
+
+def test_check_secret_file_mode(tmp_path: Path) -> None:
+    secret = tmp_path / "s"
+    _write(secret, mode=0o600)
+    assert check_secret_file_mode(secret) is None
+    os.chmod(secret, 0o604)
+    assert check_secret_file_mode(secret) == (
+        f"secret file {secret} has mode 0604, so group or others can access it; run chmod 600 {secret}"
+    )
+    assert check_secret_file_mode(tmp_path / "missing") is None
+
+
+# --- vault ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:8200", "ftp://vault", "https://", "http://h:99999"])
+def test_bad_vault_address(tmp_path: Path, address: str) -> None:
+    problem = _only_problem(tmp_path, _mutated('"http://127.0.0.1:8200"', f'"{address}"'))
+    assert problem == (
+        f"vault.address: '{address}' is not an http:// or https:// URL; "
+        "use e.g. https://vault.example:8200"
+    )
+
+
+def test_bad_vault_timeout(tmp_path: Path) -> None:
+    assert _only_problem(tmp_path, _mutated('timeout = "5s"', 'timeout = "0s"')) == (
+        "vault.timeout: must be more than 0"
+    )
+
+
+def test_unknown_auth_method(tmp_path: Path) -> None:
+    problem = _only_problem(tmp_path, _mutated('method = "approle"', 'method = "ldap"'))
+    assert problem == "vault.auth[0].method: 'ldap' is not supported; use token, approle or cert"
+
+
+def test_token_auth_needs_exactly_one_source(tmp_path: Path) -> None:
+    both = _mutated('token_file = "secrets/token"', 'token_file = "secrets/token"\ntoken_env = "T"')
+    assert _only_problem(tmp_path, both) == (
+        "vault.auth[1]: set only one of token_file or token_env, not both"
+    )
+    neither = _mutated('token_file = "secrets/token"\n', "")
+    assert _only_problem(tmp_path, neither) == "vault.auth[1]: method token needs token_file or token_env"
+
+
+def test_bad_token_env_name(tmp_path: Path) -> None:
+    text = _mutated('token_file = "secrets/token"', 'token_env = "VAULT TOKEN"')
+    assert _only_problem(tmp_path, text) == (
+        "vault.auth[1].token_env: 'VAULT TOKEN' is not an environment variable name"
+    )
+
+
+def test_approle_requires_files(tmp_path: Path) -> None:
+    text = _mutated('secret_id_file = "secrets/secret_id"\n', "")
+    assert _only_problem(tmp_path, text) == "vault.auth[0].secret_id_file: required key is missing"
+
+
+def test_key_of_another_auth_method(tmp_path: Path) -> None:
+    text = _mutated('role_id_file = "secrets/role_id"',
+                    'role_id_file = "secrets/role_id"\ntoken_file = "secrets/token"')
+    assert _only_problem(tmp_path, text) == (
+        "vault.auth[0].token_file: method approle does not use this key (it belongs to token)"
+    )
+
+
+def test_bad_mount(tmp_path: Path) -> None:
+    text = _mutated('role_id_file = "secrets/role_id"',
+                    'role_id_file = "secrets/role_id"\nmount = "auth/approle"')
+    assert _only_problem(tmp_path, text) == (
+        "vault.auth[0].mount: give the mount path without the auth/ prefix, like 'approle'"
+    )
+
+
+# --- literal tokens ---------------------------------------------------------------------------
+
+
+def test_literal_token_key(tmp_path: Path) -> None:
+    text = _mutated('token_file = "secrets/token"', f'token = "{TOKEN}"')
+    problems = _problems(tmp_path, text)
+    assert "vault.auth[1].token: literal tokens are not allowed in the config; " \
+           "use token_file or token_env" in problems
+    assert all(TOKEN not in p and TOKEN[4:] not in p for p in problems)
+
+
+def test_literal_secret_id_and_role_id(tmp_path: Path) -> None:
+    text = _mutated('role_id_file = "secrets/role_id"',
+                    'role_id_file = "secrets/role_id"\nrole_id = "abc"\nsecret_id = "def"')
+    assert _problems(tmp_path, text) == [
+        "vault.auth[0].role_id: literal role IDs are not allowed in the config; use role_id_file",
+        "vault.auth[0].secret_id: literal secret IDs are not allowed in the config; "
+        "use secret_id_file",
+    ]
+
+
+def test_token_shaped_value_anywhere(tmp_path: Path) -> None:
+    text = _mutated('token_file = "secrets/token"', f'token_env = "{TOKEN}"')
+    text = _mutated('policies = ["deploy"]', f'policies = ["deploy", "s.{"a" * 24}"]', text)
+    text = _mutated('ttl = "1h"', f'ttl = "{TOKEN}"', text)
+    problems = _problems(tmp_path, text)
+    expected = ("this value looks like a Vault token; literal tokens are not allowed in the "
+                "config; use token_file or token_env")
+    assert problems == [
+        f"vault.auth[1].token_env: {expected}",
+        f"profiles.deploy.policies[1]: {expected}",
+        f"profiles.deploy.ttl: {expected}",
+    ]
+    assert not any(TOKEN[4:] in p or "a" * 24 in p for p in problems)
+
+
+def test_token_never_echoed_even_as_a_key(tmp_path: Path) -> None:
+    problems = _problems(tmp_path, VALID + f'\n[profiles."{TOKEN}"]\nttl = "1h"\n')
+    assert problems and not any(TOKEN[4:] in p for p in problems)
+
+
+def test_profile_named_token_is_not_a_literal(tmp_path: Path) -> None:
+    text = VALID + '\n[profiles.token]\ntoken_role = "r"\nttl = "1h"\nallow = ["cn:x"]\n'
+    assert "token" in load_config(_setup(tmp_path, text)).profiles
+
+
+# --- server -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("listen", "message"),
+    [
+        ("8443", "'8443' is not host:port; use host:port, like 127.0.0.1:8443, localhost:8443 or "
+                 "[::1]:8443"),
+        ("::1:8443", "'::1:8443' is not host:port; put IPv6 addresses in brackets, like [::1]:8443"),
+        ("[nope]:8443", "'nope' in '[nope]:8443' is not an IPv6 address"),
+        ("localhost:99999", "'localhost:99999' has port '99999'; use a number from 0 to 65535"),
+        ("localhost:http", "'localhost:http' has port 'http'; use a number from 0 to 65535"),
+    ],
+)
+def test_bad_listen(tmp_path: Path, listen: str, message: str) -> None:
+    text = _mutated('listen = "127.0.0.1:9090"', f'listen = "{listen}"')
+    assert _only_problem(tmp_path, text) == f"ops.listen: {message}"
+
+
+def test_bad_ciphersuites(tmp_path: Path) -> None:
+    line = 'tls13_ciphersuites = ["TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256"]'
+    bad = _only_problem(tmp_path, _mutated(line, 'tls13_ciphersuites = ["TLS_AES_256_GCM_SHA384", '
+                                                 '"ECDHE-RSA-AES128-GCM-SHA256"]'))
+    assert bad.startswith("server.tls13_ciphersuites[1]: 'ECDHE-RSA-AES128-GCM-SHA256' is not a "
+                          "TLS 1.3 cipher suite; use TLS_AES_256_GCM_SHA384, ")
+    empty = _only_problem(tmp_path, _mutated(line, "tls13_ciphersuites = []"))
+    assert empty == "server.tls13_ciphersuites: must list at least one cipher suite"
+
+
+# --- profiles ---------------------------------------------------------------------------------
+
+
+def test_bad_profile_name(tmp_path: Path) -> None:
+    problem = _only_problem(tmp_path, _mutated("[profiles.deploy]", "[profiles.Deploy]"))
+    assert problem.startswith("profiles.Deploy: profile name 'Deploy' is not allowed; use up to 63 ")
+
+
+def test_bad_mode(tmp_path: Path) -> None:
+    assert _only_problem(tmp_path, _mutated('mode = "shared"', 'mode = "perjob"')) == (
+        "profiles.deploy.mode: 'perjob' is not supported; use shared or per-job"
+    )
+
+
+def test_bad_token_role(tmp_path: Path) -> None:
+    problem = _only_problem(tmp_path, _mutated('token_role = "ci-deploy"', 'token_role = "a/b"'))
+    assert problem.startswith("profiles.deploy.token_role: 'a/b' is not a token role name")
+    assert _only_problem(tmp_path, _mutated('token_role = "ci-deploy"', 'token_role = ""')) == (
+        "profiles.deploy.token_role: must not be empty"
+    )
+
+
+def test_grace_does_not_fit_after_jitter(tmp_path: Path) -> None:
+    text = _mutated('grace = "15m"', 'grace = "15m"\nrotate_after = "44m"')
+    assert _only_problem(tmp_path, text) == (
+        "profiles.deploy.grace: 15m does not fit: rotation at up to 48m24s (rotate_after 44m + 10% "
+        "jitter) plus grace 15m exceeds ttl 1h; lower grace or rotate_after, or raise ttl"
+    )
+
+
+def test_grace_rule_on_per_job_profile(tmp_path: Path) -> None:
+    text = _mutated('grace = "1m"', 'grace = "1m"\nrotate_after = "9m"')
+    assert _only_problem(tmp_path, text).startswith("profiles.jobs.grace: 1m does not fit: ")
+
+
+def test_grace_with_no_room_for_default_rotation(tmp_path: Path) -> None:
+    assert _only_problem(tmp_path, _mutated('grace = "15m"', 'grace = "59m30s"')) == (
+        "profiles.deploy.grace: 59m30s does not fit in ttl 1h: ttl minus grace leaves 30s, and "
+        "rotation needs more than the 1m safety margin; lower grace or raise ttl"
+    )
+
+
+def test_rotate_after_bounds(tmp_path: Path) -> None:
+    text = _mutated('grace = "15m"', 'grace = "15m"\nrotate_after = "1h"')
+    assert _only_problem(tmp_path, text) == "profiles.deploy.rotate_after: 1h must be less than ttl 1h"
+    text = _mutated('grace = "15m"', 'grace = "15m"\nrotate_after = "0s"')
+    assert _only_problem(tmp_path, text) == "profiles.deploy.rotate_after: must be more than 0"
+
+
+def test_negative_grace_and_zero_ttl(tmp_path: Path) -> None:
+    text = _mutated('grace = "15m"', 'grace = "-1m"')
+    text = _mutated('ttl = "10m"', 'ttl = "0s"', text)
+    assert _problems(tmp_path, text) == [
+        "profiles.deploy.grace: '-1m' is negative; durations must be 0 or more",
+        "profiles.jobs.ttl: must be more than 0",
+    ]
+
+
+def test_per_job_keys_on_shared_profile(tmp_path: Path) -> None:
+    text = _mutated('alert_threshold = 2', 'alert_threshold = 2\nreuse_interval = "10s"\n'
+                    'family_max_age = "1h"')
+    message = 'only per-job profiles use this; remove it or set mode = "per-job"'
+    assert _problems(tmp_path, text) == [
+        f"profiles.deploy.reuse_interval: {message}",
+        f"profiles.deploy.family_max_age: {message}",
+    ]
+
+
+def test_reuse_interval_maximum(tmp_path: Path) -> None:
+    text = _mutated('reuse_interval = "20s"', 'reuse_interval = "2m"')
+    assert _only_problem(tmp_path, text) == "profiles.jobs.reuse_interval: 2m is more than the maximum 1m"
+
+
+def test_check_interval_and_alert_threshold(tmp_path: Path) -> None:
+    text = _mutated('check_interval = "60s"', 'check_interval = "0"')
+    text = _mutated("alert_threshold = 2", "alert_threshold = 0", text)
+    assert _problems(tmp_path, text) == [
+        "profiles.deploy.check_interval: must be more than 0",
+        "profiles.deploy.alert_threshold: 0 is too small; the minimum is 1",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        ("job-*", "'job-*' matches no identity; patterns start with cn:, uri: or dns:"),
+        ("CN:job-*", "'CN:job-*' matches no identity; patterns start with cn:, uri: or dns:"),
+        ("cn:", "'cn:' has nothing after 'cn:'; add a name or glob, like cn:job-*"),
+    ],
+)
+def test_bad_allow_pattern(tmp_path: Path, pattern: str, message: str) -> None:
+    text = _mutated('allow = ["uri:spiffe://ci.example/runner/*", "cn:job-*"]',
+                    f'allow = ["{pattern}"]')
+    assert _only_problem(tmp_path, text) == f"profiles.deploy.allow[0]: {message}"
+
+
+def test_bad_admin_pattern(tmp_path: Path) -> None:
+    assert _only_problem(tmp_path, _mutated('allow = ["cn:ops-*"]', 'allow = ["ops-*"]')) == (
+        "admin.allow[0]: 'ops-*' matches no identity; patterns start with cn:, uri: or dns:"
+    )
+
+
+def test_empty_or_missing_allow(tmp_path: Path) -> None:
+    text = _mutated('allow = ["uri:spiffe://ci.example/runner/*", "cn:job-*"]', "allow = []")
+    assert _only_problem(tmp_path, text) == (
+        "profiles.deploy.allow: the list is empty, so nobody could fetch this; add at least one pattern"
+    )
+    text = _mutated('allow = ["dns:*.runners.example"]\n', "")
+    assert _only_problem(tmp_path, text) == "profiles.jobs.allow: required key is missing"
+
+
+# --- everything at once -----------------------------------------------------------------------
+
+
+def test_all_problems_reported_together(tmp_path: Path) -> None:
+    text = _mutated('listen = "127.0.0.1:8443"', 'listen = "8443"')
+    text = _mutated('timeout = "5s"', 'timeout = "soon"', text)
+    text = _mutated('token_file = "secrets/token"', f'token = "{TOKEN}"', text)
+    text = _mutated('ttl = "1h"', 'tll = "1h"', text)
+    text = _mutated('allow = ["dns:*.runners.example"]', 'allow = ["runner"]', text)
+    config = _setup(tmp_path, text)
+    os.chmod(tmp_path / "certs/server.key", 0o644)
+    problems = check_config(config)
+    expected = [
+        "vault.auth[1].token: literal tokens are not allowed",
+        "server.listen: '8443' is not host:port",
+        "server.key: secret file",
+        "vault.timeout: 'soon' is not a duration",
+        "vault.auth[1]: method token needs token_file or token_env",
+        "profiles.deploy.ttl: required key is missing",
+        "unknown key 'profiles.deploy.tll'; did you mean 'ttl'?",
+        "profiles.jobs.allow[0]: 'runner' matches no identity",
+    ]
+    assert len(problems) == len(expected), problems
+    for problem, start in zip(problems, expected):
+        assert problem.startswith(start), (problem, start)
+    assert not any(TOKEN[4:] in p for p in problems)
+    with pytest.raises(ConfigError) as caught:
+        load_config(config)
+    assert caught.value.problems == problems
