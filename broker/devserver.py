@@ -154,10 +154,10 @@ def setup_token_role(server: OpenBaoDevServer, role: str, policies: list[str], m
 
 
 def setup_approle(server: OpenBaoDevServer, roles: list[str], secrets_dir: Path, login_ttl: str = "1h",
-                  role_name: str = "broker", mount: str = "approle") -> AppRoleFiles:
+                  role_name: str = "broker", mount: str = "approle", policy: str | None = None) -> AppRoleFiles:
     """The broker's own credential: an AppRole allowed to mint through ``roles``."""
     policy_name = f"{role_name}-policy"
-    server.bao("policy", "write", policy_name, "-", stdin=broker_policy(roles))
+    server.bao("policy", "write", policy_name, "-", stdin=policy if policy is not None else broker_policy(roles))
     mounts = server.bao("auth", "list", "-format=json")
     if f'"{mount}/"' not in mounts:
         server.bao("auth", "enable", f"-path={mount}", "approle")

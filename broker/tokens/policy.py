@@ -40,17 +40,25 @@ def grace_until(rotated_at: float, grace: float, previous: Token) -> float:
     return min(rotated_at + grace, previous.expires_at)
 
 
-def backoff_delay(failures: int, jitter: float, now: float, current: Token | None) -> float:
-    """Full-jitter exponential backoff (1 s doubling to 5 min) after ``failures`` >= 1 failures.
+def backoff_delay(failures: int, jitter: float, now: float, current: Token | None,
+                  cap: float = BACKOFF_CAP) -> float:
+    """Full-jitter exponential backoff (1 s doubling to ``cap``, 5 min by default) after
+    ``failures`` >= 1 failures.
 
     While a token is still being served, never sleep past its expiry: the last chance to
     replace it must not be slept through.
     """
-    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, failures - 1))
+    ceiling = min(cap, BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, failures - 1))
     delay = jitter * ceiling
     if current is not None and current.expires_at > now:
         delay = min(delay, current.expires_at - now)
     return max(MIN_RETRY_DELAY, delay)
+
+
+def retry_cap(check_interval: float) -> float:
+    """A profile's backoff never exceeds its check interval: once Vault is back, the broker
+    notices within the time its operator chose for noticing trouble."""
+    return max(BACKOFF_BASE, min(BACKOFF_CAP, check_interval))
 
 
 def max_min_ttl(ttl: float) -> float:

@@ -58,6 +58,7 @@ class Rotator:
         self._next_check_at = float("inf")
         self._inflight: asyncio.Future[ProfileState] | None = None
         self._mutating = asyncio.Lock()
+        self._retry_cap = policy.retry_cap(profile.check_interval)
         self._wake = asyncio.Event()
         self._publish(ProfileState(profile.name))
 
@@ -207,7 +208,7 @@ class Rotator:
         state = self.state
         failures = state.consecutive_failures + 1
         now = self._clock.now()
-        self._retry_at = now + policy.backoff_delay(failures, self._rng.random(), now, state.current)
+        self._retry_at = now + policy.backoff_delay(failures, self._rng.random(), now, state.current, self._retry_cap)
         self._publish(dataclasses.replace(
             state, consecutive_failures=failures, last_error=f"{stage}: {exc}",
             unhealthy=failures >= self.profile.alert_threshold,
@@ -268,7 +269,7 @@ class Rotator:
         state = self.state
         failures = state.consecutive_failures + 1
         now = self._clock.now()
-        self._next_check_at = now + policy.backoff_delay(failures, self._rng.random(), now, state.current)
+        self._next_check_at = now + policy.backoff_delay(failures, self._rng.random(), now, state.current, self._retry_cap)
         self._publish(dataclasses.replace(
             state, consecutive_failures=failures, last_error=f"check: {exc}",
             unhealthy=failures >= self.profile.alert_threshold,

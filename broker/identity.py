@@ -1,0 +1,98 @@
+"""Client certificate → identity strings, and allow-list matching (pure: no I/O, no aiohttp).
+
+Identities are ``cn:<subject CN>``, ``uri:<SAN URI>`` and ``dns:<SAN DNS name>``, in the
+order: subject CNs, then the SAN entries as they appear in the certificate. Both extractors
+(the stdlib's ``getpeercert()`` dict and raw DER) give the same tuple for the same cert, so
+the TLS engine can change without changing who is allowed what.
+
+Patterns are ``<kind>:<shell glob>``. The kind is compared literally and only the rest is a
+glob, so ``cn:*`` never matches a ``uri:`` identity. Note that ``*`` also matches ``/``:
+``uri:spiffe://ci.example/runner/*`` admits ``.../runner/1/anything``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from fnmatch import fnmatchcase
+from typing import Any
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from broker.errors import CertError
+
+KINDS = ("cn", "uri", "dns")
+# getpeercert() spells SAN types like OpenSSL's X509V3_EXT_print; we keep URI and DNS only.
+_PEERCERT_SAN_KINDS = {"URI": "uri", "DNS": "dns"}
+
+
+def identities_from_peercert(peercert: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """Identities from the dict ``ssl.SSLSocket.getpeercert()`` returns ({} or None → ())."""
+    if not peercert:
+        return ()
+    found: list[str] = []
+    for rdn in peercert.get("subject", ()):
+        for attr, value in rdn:
+            if attr == "commonName":
+                found.append(f"cn:{value}")
+    for san_type, value in peercert.get("subjectAltName", ()):
+        kind = _PEERCERT_SAN_KINDS.get(san_type)
+        if kind is not None:
+            found.append(f"{kind}:{value}")
+    return _dedupe(found)
+
+
+def identities_from_der(der: bytes) -> tuple[str, ...]:
+    """Identities from a DER certificate; CertError if it cannot be parsed."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        raise CertError(f"cannot parse client certificate: {exc}") from None
+    found: list[str] = []
+    for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+        value = attr.value
+        found.append(f"cn:{value if isinstance(value, str) else value.decode('utf-8', 'replace')}")
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = None
+    except ValueError as exc:  # a malformed extension must not make the cert look identity-less
+        raise CertError(f"cannot parse client certificate extensions: {exc}") from None
+    for name in san or ():
+        if isinstance(name, x509.UniformResourceIdentifier):
+            found.append(f"uri:{name.value}")
+        elif isinstance(name, x509.DNSName):
+            found.append(f"dns:{name.value}")
+    return _dedupe(found)
+
+
+def matches(identities: Iterable[str], patterns: Iterable[str]) -> bool:
+    """True if any pattern matches any identity; no patterns (or no identities) → False."""
+    ids = [_split(i) for i in identities]
+    for pattern in patterns:
+        p_kind, p_glob = _split(pattern)
+        if not p_kind:
+            continue  # malformed pattern: never grants anything (config validation reports it)
+        for kind, value in ids:
+            if kind == p_kind and fnmatchcase(value, p_glob):
+                return True
+    return False
+
+
+def pattern_problem(pattern: str) -> str | None:
+    """A human sentence if ``pattern`` can never match anything, else None (for config checks)."""
+    kind, glob = _split(pattern)
+    if kind not in KINDS:
+        return f"allow pattern {pattern!r} must start with one of {', '.join(k + ':' for k in KINDS)}"
+    if not glob:
+        return f"allow pattern {pattern!r} has nothing after {kind + ':'!r}"
+    return None
+
+
+def _split(value: str) -> tuple[str, str]:
+    kind, sep, rest = value.partition(":")
+    return (kind, rest) if sep else ("", value)
+
+
+def _dedupe(items: list[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(items))

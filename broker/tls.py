@@ -1,0 +1,251 @@
+"""TLS contexts for the mTLS listener and the ``broker get`` client; server cert reload.
+
+This is the only module that knows the TLS engine (the stdlib ``ssl`` module for now). What the
+handshake enforces on the listener:
+
+- TLS 1.3 only, a client certificate is required and must chain to ``client_ca`` (the only
+  trust anchor: no system CAs), and must be within its validity period.
+- A client cert whose extendedKeyUsage lacks clientAuth is refused: when a server verifies a
+  client, OpenSSL checks the chain for the ``sslclient`` purpose.
+- A client cert *without* an extendedKeyUsage extension passes that OpenSSL check, and the
+  stdlib has no hook to refuse it during the handshake. The app must therefore call
+  :func:`require_client_auth_eku` on :func:`peer_der` before trusting a request.
+- ``tls13_ciphersuites`` is accepted but not enforced: the stdlib cannot restrict TLS 1.3
+  cipher suites (``set_ciphers`` only affects TLS ≤ 1.2). It takes effect when the engine
+  moves to pyOpenSSL (``Context.set_tls13_ciphersuites``).
+- A refused client sees the connection closed, not the TLS alert saying why: asyncio's SSL
+  transport (stdlib and uvloop) drops the alert on a failed handshake (python/cpython#98078).
+  The reason appears only in asyncio's debug log on the server.
+
+Every file problem becomes a :class:`CertError` whose message names the file, so users see
+one clear sentence rather than an OpenSSL error stack.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ssl
+from pathlib import Path
+from typing import Any, Protocol
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from broker.config import ServerConfig
+from broker.errors import CertError
+from broker.identity import identities_from_der, identities_from_peercert
+
+
+class _Transport(Protocol):
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
+
+
+def server_context(cfg: ServerConfig) -> ssl.SSLContext:
+    """A TLS 1.3-only server context requiring a client cert signed by ``cfg.client_ca``."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _strict(ctx)
+    ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    # cfg.tls13_ciphersuites is deliberately not applied: the stdlib cannot restrict TLS 1.3
+    # suites. OpenSSL's defaults are all AEAD suites; pyOpenSSL will enforce the list.
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    # No session tickets: a resumed TLS 1.3 session skips client-cert verification, so a
+    # rotated client CA (or a cert that expired since) would still get in. Jobs connect a
+    # handful of times; a full handshake each time costs nothing that matters.
+    ctx.num_tickets = 0
+    _load_chain(ctx, Path(cfg.cert), Path(cfg.key), role="server", check_validity=True)
+    _load_trust(ctx, Path(cfg.client_ca), role="client_ca")
+    return ctx
+
+
+def client_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    """Context for ``broker get``: TLS 1.3, server verified against ``ca`` with hostname check."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    _strict(ctx)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    _load_trust(ctx, Path(ca), role="CA")
+    _load_chain(ctx, Path(cert), Path(key), role="client", check_validity=False)
+    return ctx
+
+
+class ReloadableServerContext:
+    """A server context whose cert, key and client CA can be replaced without a restart.
+
+    Pass :attr:`context` to ``loop.create_server`` once. Its ``sni_callback`` runs early in
+    every handshake (OpenSSL calls it for each ClientHello, with or without SNI) and moves the
+    connection onto the newest context, whose cert, key and trust store then apply. Open
+    connections keep the context they were made with, so :meth:`reload` drops nobody.
+    """
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        self._cfg = cfg
+        self._current = server_context(cfg)
+        self._outer = server_context(cfg)
+        self._outer.sni_callback = self._select
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        """The context to hand to the listener (it never changes)."""
+        return self._outer
+
+    @property
+    def current(self) -> ssl.SSLContext:
+        """The context new handshakes use."""
+        return self._current
+
+    def reload(self) -> None:
+        """Re-read the config's files; on CertError the old context stays in use."""
+        self._current = server_context(self._cfg)
+
+    def _select(self, ssl_object: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        # Returning None lets the handshake go on; it then uses the assigned context's cert
+        # and key, and verifies the client against that context's trust store.
+        ssl_object.context = self._current
+
+
+def require_client_auth_eku(der: bytes) -> None:
+    """Raise CertError unless the cert has an extendedKeyUsage that includes clientAuth.
+
+    The app must call this (with :func:`peer_der`) before serving a request: the handshake
+    refuses an EKU without clientAuth, but the stdlib engine accepts a cert with no EKU
+    extension at all and offers no hook to refuse it there.
+    """
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        raise CertError(
+            f"client certificate {_describe(der)} has no extendedKeyUsage; clientAuth is required"
+        ) from None
+    except ValueError as exc:
+        raise CertError(f"cannot parse client certificate: {exc}") from None
+    if ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
+        raise CertError(
+            f"client certificate {_describe(der)} is not valid for clientAuth (extendedKeyUsage)"
+        )
+
+
+def peer_der(transport: _Transport | None) -> bytes | None:
+    """The peer's certificate (DER) on an asyncio/aiohttp transport, or None."""
+    if transport is None:
+        return None
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    return der or None
+
+
+def peer_identities(transport: _Transport | None) -> tuple[str, ...]:
+    """Identity strings of the peer's verified certificate; () when there is none."""
+    if transport is None:
+        return ()
+    peercert = transport.get_extra_info("peercert")
+    if peercert:
+        return identities_from_peercert(peercert)
+    # getpeercert() gives {} when the cert was not verified; never the case on our listener,
+    # but a DER fallback keeps the answer identical should verification move out of OpenSSL.
+    der = peer_der(transport)
+    return identities_from_der(der) if der else ()
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def _strict(ctx: ssl.SSLContext) -> None:
+    # RFC 5280 strictness (Python 3.13's default): refuses malformed chains, e.g. a CA without
+    # critical basicConstraints or a leaf without authorityKeyIdentifier.
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+
+
+def _load_chain(ctx: ssl.SSLContext, cert: Path, key: Path, *, role: str, check_validity: bool) -> None:
+    # Parse with cryptography first: it tells which file is wrong, which OpenSSL's
+    # "[SSL] PEM lib" does not.
+    certs = _read_certs(cert, f"{role} cert")
+    if check_validity:
+        _require_valid_now(certs[0], cert, f"{role} cert")
+    private_key = _read_key(key, f"{role} key")
+    if private_key.public_key() != certs[0].public_key():
+        raise CertError(f"{role} key {key} does not match the certificate in {cert}")
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise CertError(f"cannot load {role} cert {cert} with key {key}: {_reason(exc)}") from None
+
+
+def _load_trust(ctx: ssl.SSLContext, path: Path, *, role: str) -> None:
+    certs = _read_certs(path, role)
+    for c in certs:
+        if not _is_ca(c):
+            raise CertError(
+                f"{role} {path}: certificate {c.subject.rfc4514_string()!r} is not a CA "
+                "(use the ca.pem that signed the certificates, not a leaf cert)"
+            )
+    try:
+        ctx.load_verify_locations(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        raise CertError(f"cannot load {role} {path}: {_reason(exc)}") from None
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise CertError(f"{what} {path} not found") from None
+    except OSError as exc:
+        raise CertError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def _read_certs(path: Path, what: str) -> list[x509.Certificate]:
+    data = _read_bytes(path, what)
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certs = []
+    if not certs:
+        raise CertError(f"{what} {path} does not contain a PEM certificate")
+    return certs
+
+
+def _read_key(path: Path, what: str) -> Any:
+    data = _read_bytes(path, what)
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise CertError(f"{what} {path} is encrypted; the broker needs an unencrypted key (mode 0600)") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise CertError(f"{what} {path} does not contain a PEM private key") from None
+
+
+def _require_valid_now(cert: x509.Certificate, path: Path, what: str) -> None:
+    now = dt.datetime.now(dt.timezone.utc)
+    if now < cert.not_valid_before_utc:
+        raise CertError(f"{what} {path} is not valid until {cert.not_valid_before_utc.isoformat()}")
+    if now >= cert.not_valid_after_utc:
+        raise CertError(f"{what} {path} expired at {cert.not_valid_after_utc.isoformat()}")
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _describe(der: bytes) -> str:
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        return repr(cert.subject.rfc4514_string())
+    except ValueError:
+        return "(unparseable)"
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return exc.reason.lower().replace("_", " ")
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)

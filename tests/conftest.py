@@ -1,0 +1,341 @@
+"""Shared fixtures: a real OpenBao dev server, a real dev PKI, and brokers on real mTLS sockets.
+
+Every broker a test starts is checked on teardown for leaks: no token value it ever held may
+appear in the captured logs, the audit file or the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import hvac
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from broker import certs, tls
+from broker.clock import Clock
+from broker.config import load_config
+from broker.devserver import OpenBaoDevServer, setup_approle, setup_token_role
+from broker.service import Broker, build
+
+
+# --- logs, kept for the leak scan ---------------------------------------------------------
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture(scope="session")
+def log_lines() -> Iterator[list[str]]:
+    handler = _Collect()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    logging.getLogger("hvac").setLevel(logging.DEBUG)
+    yield handler.lines
+    root.removeHandler(handler)
+
+
+# --- OpenBao -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBaoDevServer]:
+    server = OpenBaoDevServer(log_path=tmp_path_factory.mktemp("openbao") / "openbao.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def private_openbao(tmp_path: Path) -> Iterator[OpenBaoDevServer]:
+    """An OpenBao of this test's own, for tests that stop, pause or empty it."""
+    server = OpenBaoDevServer(log_path=tmp_path / "openbao.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+def root_client(server: OpenBaoDevServer) -> hvac.Client:
+    return hvac.Client(url=server.address, token="root")
+
+
+def token_is_valid(server: OpenBaoDevServer, token: str) -> bool:
+    client = hvac.Client(url=server.address, token=token)
+    try:
+        client.auth.token.lookup_self()
+        return True
+    except hvac.exceptions.Forbidden:
+        return False
+
+
+# --- PKI -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Pki:
+    dir: Path
+    other_dir: Path  # a second, unrelated CA
+
+    @property
+    def ca(self) -> Path:
+        return self.dir / "ca.pem"
+
+    def pair(self, name: str) -> tuple[Path, Path]:
+        return self.dir / f"{name}.pem", self.dir / f"{name}.key"
+
+    def client_context(self, name: str = "job") -> ssl.SSLContext:
+        cert, key = self.pair(name)
+        return tls.client_context(self.ca, cert, key)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    certs.init_ca_and_server(d)
+    certs.issue_client(d, "job", uris=["spiffe://ci.example/runner/1"])
+    certs.issue_client(d, "job-other", uris=["spiffe://ci.example/runner/2"])
+    certs.issue_client(d, "stranger")
+    certs.issue_client(d, "ops")
+    certs.issue_client(d, "server-only", eku="server")
+    certs.issue_client(d, "no-eku", eku="none")
+    other = tmp_path_factory.mktemp("other-pki")
+    certs.init_ca_and_server(other)
+    certs.issue_client(other, "job")
+    return Pki(d, other)
+
+
+# --- brokers -------------------------------------------------------------------------------
+
+DEFAULT_PROFILE: dict[str, Any] = {
+    "ttl": "30s", "grace": "5s", "rotate_after": "20s", "check_interval": "60s",
+    "allow": ["cn:job", "uri:spiffe://ci.example/runner/*"],
+}
+
+
+def _toml_value(value: Any) -> str:
+    return json.dumps(value)  # JSON strings, numbers and arrays of them are valid TOML
+
+
+def write_config(directory: Path, pki: Pki, vault_address: str, auth: list[dict[str, str]],
+                 profiles: dict[str, dict[str, Any]], extra: str = "") -> Path:
+    lines = [
+        "[server]", 'listen = "127.0.0.1:0"', f'cert = "{pki.dir}/server.pem"', f'key = "{pki.dir}/server.key"',
+        f'client_ca = "{pki.ca}"', "", "[ops]", 'listen = "127.0.0.1:0"', "",
+        "[audit]", 'path = "audit.jsonl"', "", "[state]", 'dir = "state"', "",
+        "[vault]", f'address = "{vault_address}"', 'timeout = "2s"', "",
+    ]
+    for entry in auth:
+        lines.append("[[vault.auth]]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in entry.items()]
+        lines.append("")
+    lines += ["[admin]", 'allow = ["cn:ops"]', ""]
+    for name, settings in profiles.items():
+        lines.append(f"[profiles.{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in settings.items()]
+        lines.append("")
+    path = directory / "broker.toml"
+    path.write_text("\n".join(lines) + extra)
+    return path
+
+
+@dataclass
+class RunningBroker:
+    broker: Broker
+    dir: Path
+    pki: Pki
+    vault: OpenBaoDevServer
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+    roles: dict[str, str]
+    seen_secrets: set[str] = field(default_factory=set)
+
+    def auth_entries(self) -> list[dict[str, str]]:
+        """This broker's [[vault.auth]] entries, to start another broker on the same credential."""
+        entries = []
+        for a in self.broker.config.vault.auth:
+            entry = {"method": a.method}
+            for key in ("role_id_file", "secret_id_file", "token_file", "token_env"):
+                if getattr(a, key):
+                    entry[key] = str(getattr(a, key))
+            entries.append(entry)
+        return entries
+
+    @property
+    def url(self) -> str:
+        return f"https://localhost:{self.broker.api_port}"
+
+    @property
+    def ops_url(self) -> str:
+        return f"http://127.0.0.1:{self.broker.ops_port}"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.broker.config.audit.path
+
+    def audit_events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.audit_path.read_text().splitlines()]
+
+    def remember_tokens(self) -> None:
+        for state in self.broker.cache.all():
+            for token in (state.current, state.previous):
+                if token is not None:
+                    self.seen_secrets.add(token.value)
+        login = self.broker.auth._login
+        if login is not None:
+            self.seen_secrets.add(login.token)
+
+    async def request(self, method: str, path: str, cert: str = "job", **kwargs: Any) -> tuple[int, Any, Any]:
+        """One mTLS request with the named client cert; returns (status, parsed body, headers)."""
+        ctx = self.pki.client_context(cert)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, force_close=True)) as session:
+            async with session.request(method, self.url + path, **kwargs) as response:
+                text = await response.text()
+                body: Any = text
+                if response.content_type == "application/json":
+                    body = json.loads(text)
+                    if isinstance(body, dict) and isinstance(body.get("token"), str):
+                        self.seen_secrets.add(body["token"])
+                elif response.status == 200 and response.content_type == "text/plain":
+                    self.seen_secrets.add(text)
+                return response.status, body, response.headers
+
+    async def get_token(self, profile: str = "demo", cert: str = "job", **kwargs: Any) -> dict[str, Any]:
+        status, body, _ = await self.request("GET", f"/v1/tokens/{profile}", cert=cert, **kwargs)
+        assert status == 200, body
+        return body  # type: ignore[no-any-return]
+
+    async def ops(self, path: str) -> tuple[int, Any]:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(self.ops_url + path) as response:
+                text = await response.text()
+                return response.status, (json.loads(text) if response.content_type == "application/json" else text)
+
+    def metrics_text(self) -> str:
+        return generate_latest(self.broker.metrics.registry).decode()
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        value = self.broker.metrics.registry.get_sample_value(name, labels)
+        return value
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not predicate():
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            await asyncio.sleep(0.05)
+        self.remember_tokens()
+
+    def generation(self, profile: str = "demo") -> int:
+        state = self.broker.cache.get(profile)
+        return state.generation if state else 0
+
+    async def shutdown(self) -> None:
+        self.remember_tokens()
+        if not self.task.done():
+            self.stop.set()
+            await asyncio.wait_for(self.task, timeout=20)
+
+
+@dataclass
+class BrokerFactory:
+    """Starts brokers with unique OpenBao roles; stops them and scans for leaks at teardown."""
+
+    tmp_path: Path
+    pki: Pki
+    openbao: OpenBaoDevServer
+    log_lines: list[str]
+    started: list[RunningBroker] = field(default_factory=list)
+
+    async def start(
+        self,
+        profiles: dict[str, dict[str, Any]] | None = None,
+        *,
+        vault: OpenBaoDevServer | None = None,
+        vault_address: str | None = None,
+        clock: Clock | None = None,
+        login_ttl: str = "1h",
+        auth: list[dict[str, str]] | None = None,
+        extra: str = "",
+        wait_ready: bool = True,
+        directory: Path | None = None,
+        roles: dict[str, str] | None = None,
+        broker_policy: str | None = None,
+    ) -> RunningBroker:
+        vault = vault or self.openbao
+        profiles = profiles or {"demo": {}}
+        directory = directory or self.tmp_path / f"broker-{len(self.started)}"
+        directory.mkdir(parents=True, exist_ok=True)
+        suffix = uuid.uuid4().hex[:8]
+        if roles is None:
+            roles = {name: f"{name}-{suffix}" for name in profiles}
+            for name, role in roles.items():
+                setup_token_role(vault, role, [f"{role}-policy"])
+        if auth is None:
+            files = setup_approle(vault, list(roles.values()), directory / "secrets", login_ttl=login_ttl,
+                                  role_name=f"broker-{suffix}", policy=broker_policy)
+            auth = [{"method": "approle", "role_id_file": str(files.role_id_file),
+                     "secret_id_file": str(files.secret_id_file)}]
+        full = {
+            name: {**DEFAULT_PROFILE, "token_role": roles[name], "policies": [f"{roles[name]}-policy"], **settings}
+            for name, settings in profiles.items()
+        }
+        config = load_config(write_config(directory, self.pki, vault_address or vault.address, auth, full, extra))
+        broker = build(config, clock=clock, registry=CollectorRegistry())
+        started = asyncio.Event()
+        stop = asyncio.Event()
+        task = asyncio.create_task(broker.run(stop, on_started=lambda _: started.set()))
+        waiter = asyncio.create_task(started.wait())
+        await asyncio.wait({task, waiter}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # raise the start-up failure
+        running = RunningBroker(broker, directory, self.pki, vault, stop, task, roles)
+        for entry in config.vault.auth:
+            if entry.secret_id_file is not None:
+                running.seen_secrets.add(entry.secret_id_file.read_text().strip())
+        self.started.append(running)
+        if wait_ready:
+            await running.wait_for(lambda: all(s.current is not None for s in broker.cache.all()),
+                                   what="a first token for every profile")
+        return running
+
+    async def close(self) -> None:
+        for running in self.started:
+            await running.shutdown()
+        for running in self.started:
+            assert_no_leaks(running, self.log_lines)
+
+
+def assert_no_leaks(running: RunningBroker, log_lines: list[str]) -> None:
+    haystacks = {
+        "logs": "\n".join(log_lines),
+        "audit": running.audit_path.read_text() if running.audit_path.exists() else "",
+        "metrics": running.metrics_text(),
+        "state": "".join(p.read_text() for p in running.broker.config.state.dir.glob("*.json")),
+    }
+    leaks = [(where, secret[:4] + "…") for secret in running.seen_secrets
+             for where, text in haystacks.items() if secret in text]
+    assert not leaks, f"token values leaked into: {leaks}"
+
+
+@pytest.fixture
+async def brokers(tmp_path: Path, pki: Pki, openbao: OpenBaoDevServer,
+                  log_lines: list[str]) -> AsyncIterator[BrokerFactory]:
+    factory = BrokerFactory(tmp_path, pki, openbao, log_lines)
+    try:
+        yield factory
+    finally:
+        await factory.close()

@@ -1,0 +1,116 @@
+"""Vault unreachable, a rolled-back rotation, and a restart with pending revocations."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from broker.devserver import OpenBaoDevServer, broker_policy
+from tests.conftest import BrokerFactory, token_is_valid
+from tests.faults import TcpProxy
+
+
+@pytest.fixture
+async def proxy(openbao: OpenBaoDevServer) -> AsyncIterator[TcpProxy]:
+    p = await TcpProxy("127.0.0.1", openbao.port).start()
+    yield p
+    await p.stop()
+
+
+async def test_vault_unreachable_serves_cached_token_reports_and_recovers(brokers: BrokerFactory,
+                                                                         proxy: TcpProxy) -> None:
+    b = await brokers.start(
+        {"demo": {"ttl": "40s", "rotate_after": "4s", "grace": "2s", "check_interval": "1s", "alert_threshold": 2}},
+        vault_address=proxy.address,
+    )
+    first = await b.get_token()
+    proxy.cut()
+    state = lambda: b.broker.cache.get("demo")  # noqa: E731
+    await b.wait_for(lambda: state().unhealthy, timeout=10, what="the profile to turn unhealthy")
+
+    # Still served: the cached token is valid for a long while yet.
+    assert (await b.get_token())["token"] == first["token"]
+    status, ready = await b.ops("/readyz")
+    assert status == 503 and ready["ready"] is False
+    assert ready["profiles"]["demo"]["consecutive_failures"] >= 2
+    assert "consecutive Vault failures" in ready["problems"][0]
+    assert b.metric("broker_rotation_consecutive_failures", profile="demo") >= 2
+    assert b.metric("broker_vault_requests_total", operation="lookup_accessor", outcome="unavailable") >= 1
+    status, text = await b.ops("/healthz")
+    assert status == 200, "alive while not ready"
+
+    await b.wait_for(lambda: state().consecutive_failures >= 3 and b.generation() == 1 and state().current.rotate_at
+                     < b.broker.clock.now(), timeout=10, what="a missed rotation while Vault is away")
+    assert b.metric("broker_rotations_total", profile="demo", outcome="failure") >= 1
+    assert any(e["event"] == "rotation_failed" for e in b.audit_events())
+
+    proxy.heal()
+    await b.wait_for(lambda: not state().unhealthy and b.generation() >= 2, timeout=4,
+                     what="recovery within check_interval + a few seconds")
+    status, ready = await b.ops("/readyz")
+    assert status == 200 and ready["ready"] is True
+    assert b.metric("broker_rotation_consecutive_failures", profile="demo") == 0
+    body = await b.get_token()
+    assert body["generation"] >= 2 and token_is_valid(b.vault, body["token"])
+
+
+async def test_no_valid_token_gives_503_with_retry_after(brokers: BrokerFactory, proxy: TcpProxy) -> None:
+    proxy.cut()
+    b = await brokers.start({"demo": {"check_interval": "2s"}}, vault_address=proxy.address, wait_ready=False)
+    await b.wait_for(lambda: b.broker.cache.get("demo").consecutive_failures >= 1, what="a failed first mint")
+    status, body, headers = await b.request("GET", "/v1/tokens/demo")
+    assert status == 503
+    assert body["error"] == "unavailable" and "no valid token for profile demo" in body["message"]
+    assert 1 <= int(headers["Retry-After"]) <= 2
+    assert headers["Cache-Control"] == "no-store"
+    status, ready = await b.ops("/readyz")
+    assert status == 503 and "no valid current token" in ready["problems"][0]
+    proxy.heal()
+    await b.wait_for(lambda: b.generation() == 1, timeout=5, what="the first token once Vault is back")
+    assert (await b.get_token())["generation"] == 1
+
+
+async def test_a_token_that_fails_verification_is_rolled_back_and_never_served(brokers: BrokerFactory) -> None:
+    # This broker may mint but not look tokens up, so every new token fails verification.
+    roles = {"demo": "rollback-role"}
+    brokers.openbao.bao("write", "auth/token/roles/rollback-role", "allowed_policies=default", "orphan=true")
+    no_lookup = broker_policy(["rollback-role"]).replace('path "auth/token/lookup" { capabilities = ["update"] }', "")
+    b = await brokers.start({"demo": {"policies": [], "check_interval": "2s", "alert_threshold": 1}},
+                            roles=roles, broker_policy=no_lookup, wait_ready=False)
+    state = lambda: b.broker.cache.get("demo")  # noqa: E731
+    await b.wait_for(lambda: b.metric("broker_rotations_total", profile="demo", outcome="rolled_back") == 1,
+                     what="a rolled-back rotation")
+    assert state().current is None and state().unhealthy
+    rolled = [e for e in b.audit_events() if e["event"] == "rotation_rolled_back"]
+    assert rolled and rolled[0]["generation"] == 1 and rolled[0]["outcome"] == "failure"
+    revoked = [e for e in b.audit_events() if e["event"] == "token_revoked"]
+    assert revoked and revoked[0]["token_fp"] == rolled[0]["token_fp"] and revoked[0]["reason"] == "rolled_back"
+    status, body, _ = await b.request("GET", "/v1/tokens/demo")
+    assert status == 503
+
+
+async def test_restart_performs_pending_revocations(brokers: BrokerFactory) -> None:
+    profile = {"demo": {"ttl": "60s", "rotate_after": "40s", "grace": "2s"}}
+    b = await brokers.start(profile)
+    first = await b.get_token()
+    await b.request("POST", "/v1/tokens/demo/rotate", cert="ops")
+    second = await b.get_token()
+    await b.shutdown()  # previous (gen 1) is due for revocation in 2 s; nobody is running to do it
+    assert token_is_valid(b.vault, first["token"])
+    assert len(b.broker.store.load_revocations()) == 1
+    await asyncio.sleep(2.2)
+    assert token_is_valid(b.vault, first["token"]), "nothing revoked while the broker was down"
+
+    again = await brokers.start(profile, directory=b.dir, roles=b.roles, auth=b.auth_entries())
+    await again.wait_for(lambda: not token_is_valid(b.vault, first["token"]), timeout=5,
+                         what="the overdue revocation after restart")
+    # The token served before the restart keeps one grace window, then is revoked too.
+    assert token_is_valid(b.vault, second["token"])
+    await again.wait_for(lambda: not token_is_valid(b.vault, second["token"]), timeout=5,
+                         what="the pre-restart current token to be retired after grace")
+    third = await again.get_token()
+    assert third["generation"] == 3, "generations continue across a restart"
+    assert again.metric("broker_revocations_pending") == 0
+    again.seen_secrets |= b.seen_secrets

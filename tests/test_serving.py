@@ -1,0 +1,117 @@
+"""End to end against a real OpenBao and real mTLS sockets: fetch, rotate, grace, revoke."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from tests.conftest import BrokerFactory, root_client, token_is_valid
+
+
+async def test_fetched_token_is_accepted_by_openbao(brokers: BrokerFactory) -> None:
+    b = await brokers.start()
+    body = await b.get_token()
+    assert set(body) == {"profile", "token", "expires_at", "issued_at", "ttl", "generation"}
+    assert body["profile"] == "demo" and body["generation"] == 1
+    assert 25 <= body["ttl"] <= 30
+    assert token_is_valid(b.vault, body["token"])
+    info = root_client(b.vault).auth.token.lookup(body["token"])["data"]
+    assert info["orphan"] is True
+    assert info["meta"]["profile"] == "demo"
+    assert f"{b.roles['demo']}-policy" in info["policies"]
+
+
+async def test_plain_text_accept_gives_the_bare_token(brokers: BrokerFactory) -> None:
+    b = await brokers.start()
+    status, text, headers = await b.request("GET", "/v1/tokens/demo", headers={"Accept": "text/plain"})
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain")
+    assert headers["Cache-Control"] == "no-store"
+    assert text == b.broker.cache.get("demo").current.value
+
+
+async def test_rotates_before_expiry_and_keeps_previous_valid_through_grace(brokers: BrokerFactory) -> None:
+    b = await brokers.start({"demo": {"ttl": "8s", "rotate_after": "3s", "grace": "3s", "check_interval": "30s"}})
+    first = await b.get_token()
+    await b.wait_for(lambda: b.generation() >= 2, timeout=10, what="the scheduled rotation")
+    second = await b.get_token()
+    assert second["generation"] == 2 and second["token"] != first["token"]
+    state = b.broker.cache.get("demo")
+    assert state.previous is not None and state.previous.value == first["token"]
+    # Inside grace: the previous token still works at OpenBao.
+    assert token_is_valid(b.vault, first["token"])
+    # After grace (and before its own expiry at 8 s) the broker revokes it.
+    await b.wait_for(lambda: not token_is_valid(b.vault, first["token"]), timeout=6, what="revocation after grace")
+    assert time.time() < state.previous.expires_at, "revoked by the broker, not expired at Vault"
+    assert token_is_valid(b.vault, second["token"])
+    events = [e["event"] for e in b.audit_events()]
+    assert events.count("token_rotated") >= 2 and "token_revoked" in events
+    revoked = [e for e in b.audit_events() if e["event"] == "token_revoked"]
+    assert revoked[0]["generation"] == 1 and revoked[0]["reason"] == "grace_ended"
+    assert b.metric("broker_rotations_total", profile="demo", outcome="success") >= 2
+    assert b.metric("broker_token_generation", profile="demo") >= 2
+
+
+async def test_token_revoked_behind_our_back_is_replaced_within_check_interval(brokers: BrokerFactory) -> None:
+    b = await brokers.start({"demo": {"ttl": "60s", "rotate_after": "40s", "grace": "5s", "check_interval": "1s"}})
+    first = await b.get_token()
+    root_client(b.vault).auth.token.revoke(first["token"])
+    await b.wait_for(lambda: b.generation() >= 2, timeout=5, what="replacement after an external revoke")
+    second = await b.get_token()
+    assert second["token"] != first["token"] and token_is_valid(b.vault, second["token"])
+    invalidated = [e for e in b.audit_events() if e["event"] == "token_invalidated"]
+    assert invalidated and invalidated[0]["generation"] == 1
+
+
+async def test_minted_token_survives_the_brokers_own_relogin(brokers: BrokerFactory) -> None:
+    b = await brokers.start()
+    body = await b.get_token()
+    old_login = b.broker.auth._login
+    await b.broker.auth.login()
+    assert b.broker.auth._login.token != old_login.token
+    # Revoking the broker's old login token (and its children) must not touch what it minted.
+    root_client(b.vault).auth.token.revoke(old_login.token)
+    assert token_is_valid(b.vault, body["token"])
+    await b.request("POST", "/v1/tokens/demo/rotate", cert="ops")  # the new login works
+    assert b.generation() == 2
+
+
+async def test_min_ttl_rotates_early_once_for_concurrent_callers(brokers: BrokerFactory) -> None:
+    b = await brokers.start({"demo": {"ttl": "30s", "rotate_after": "20s", "grace": "5s"}})
+    await asyncio.sleep(1.2)  # the first token now has < 29 s left
+    results = await asyncio.gather(*(b.request("GET", "/v1/tokens/demo?min_ttl=29") for _ in range(8)))
+    assert {status for status, _, _ in results} == {200}
+    assert {body["generation"] for _, body, _ in results} == {2}, "one shared early rotation"
+    assert all(body["ttl"] >= 28 for _, body, _ in results)
+    assert b.metric("broker_rotations_total", profile="demo", outcome="success") == 2
+
+
+async def test_admin_rotate_and_revoke(brokers: BrokerFactory) -> None:
+    b = await brokers.start()
+    first = await b.get_token()
+    status, body, _ = await b.request("POST", "/v1/tokens/demo/rotate", cert="ops")
+    assert status == 200 and body["generation"] == 2 and body["profile"] == "demo"
+    assert token_is_valid(b.vault, first["token"]), "rotation keeps the previous one through grace"
+    second = await b.get_token()
+    status, body, _ = await b.request("POST", "/v1/tokens/demo/revoke", cert="ops")
+    assert status == 200 and body["generation"] == 3
+    assert not token_is_valid(b.vault, first["token"]) and not token_is_valid(b.vault, second["token"])
+    third = await b.get_token()
+    assert third["generation"] == 3 and token_is_valid(b.vault, third["token"])
+    events = [(e["event"], e["identity"]) for e in b.audit_events() if e["event"].startswith("admin_")]
+    assert events == [("admin_rotate", "cn:ops"), ("admin_revoke", "cn:ops")]
+
+
+async def test_list_and_whoami(brokers: BrokerFactory) -> None:
+    b = await brokers.start({"demo": {}, "deploy": {"allow": ["cn:ops"]}})
+    status, body, _ = await b.request("GET", "/v1/tokens")
+    assert status == 200
+    assert [p["name"] for p in body["profiles"]] == ["demo"]
+    entry = body["profiles"][0]
+    assert set(entry) == {"name", "generation", "expires_at", "rotates_at", "healthy"}
+    assert entry["healthy"] is True and entry["generation"] == 1
+    assert "token" not in str(body).lower().replace("tokens", "")
+    status, body, _ = await b.request("GET", "/v1/whoami")
+    assert body == {"identities": ["cn:job", "uri:spiffe://ci.example/runner/1"], "profiles": ["demo"], "admin": False}
+    status, body, _ = await b.request("GET", "/v1/whoami", cert="ops")
+    assert body["admin"] is True and body["profiles"] == ["deploy"]
