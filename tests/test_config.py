@@ -409,11 +409,29 @@ def test_file_that_is_a_directory(tmp_path: Path) -> None:
     assert problem.startswith("server.client_ca: certs is not a regular file")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def _without_dac_override() -> None:
+    """In the child, before exec: drop root's power to read any file (CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH) from the bounding set, so a mode-000 file is unreadable even as root."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_capbset_drop = 24
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(pr_capbset_drop, capability, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
 def test_unreadable_file(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
     config = _setup(tmp_path)
     os.chmod(tmp_path / "certs/ca.pem", 0o000)
-    assert check_config(config)[0].startswith(
+    script = "import sys; from broker.config import check_config; print('\\n'.join(check_config(sys.argv[1])))"
+    done = subprocess.run([sys.executable, "-c", script, str(config)], capture_output=True, text=True,
+                          preexec_fn=_without_dac_override if os.geteuid() == 0 else None, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0].startswith(
         "server.client_ca: file certs/ca.pem is not readable: Permission denied"
     )
 
