@@ -22,7 +22,7 @@ EVENTS = frozenset({
     "token_served", "token_denied", "token_minted", "token_rotated", "token_revoked",
     "rotation_failed", "rotation_rolled_back", "vault_login", "vault_login_failed",
     "admin_rotate", "admin_revoke", "family_created", "family_refreshed", "family_revoked",
-    "reuse_detected", "token_invalidated", "secret_id_rotated",
+    "reuse_detected", "token_invalidated", "secret_id_rotated", "check_failed",
 })
 
 

@@ -275,6 +275,8 @@ class Rotator:
             unhealthy=failures >= self.profile.alert_threshold,
         ))
         log.warning("check_failed profile=%s failures=%d error=%s", self.name, failures, exc)
+        self._record("check_failed", generation=state.generation, token_fp=state.current.fp if state.current else None,
+                     outcome="failure", reason=str(exc))
 
     async def _invalidated(self, token: Token) -> None:
         """Vault no longer knows the token we serve (revoked elsewhere, restored backup): stop

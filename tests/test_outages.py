@@ -1,0 +1,147 @@
+"""OpenBao paused, killed, restarted empty, slow, or cutting connections mid-request.
+
+For each: fetches keep succeeding while the cached token is valid, /readyz, metrics and audit
+say what is wrong, and the broker recovers by itself once OpenBao is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from broker.devserver import OpenBaoDevServer, setup_approle, setup_token_role
+from tests.conftest import BrokerFactory, RunningBroker, token_is_valid
+from tests.faults import TcpProxy
+
+FAST = {"ttl": "30s", "rotate_after": "3s", "grace": "2s", "check_interval": "1s", "alert_threshold": 2}
+
+
+def _state(b: RunningBroker):  # type: ignore[no-untyped-def]
+    return b.broker.cache.get("demo")
+
+
+async def _assert_reported_unhealthy(b: RunningBroker) -> None:
+    await b.wait_for(lambda: _state(b).unhealthy, timeout=15, what="the outage to be reported")
+    status, ready = await b.ops("/readyz")
+    assert status == 503 and ready["profiles"]["demo"]["consecutive_failures"] >= 2
+    assert b.metric("broker_rotation_consecutive_failures", profile="demo") >= 2
+    failed = [e for e in b.audit_events() if e["event"] in ("check_failed", "rotation_failed")]
+    assert failed and all(e["outcome"] == "failure" and e["reason"] for e in failed)
+
+
+async def _assert_recovers(b: RunningBroker, within: float) -> None:
+    await b.wait_for(lambda: not _state(b).unhealthy and _state(b).current is not None
+                     and token_is_valid(b.vault, _state(b).current.value),
+                     timeout=within, what="recovery with a token valid at OpenBao")
+    status, _ = await b.ops("/readyz")
+    assert status == 200
+    body = await b.get_token()
+    assert token_is_valid(b.vault, body["token"])
+
+
+def _reprovision(server: OpenBaoDevServer, b: RunningBroker) -> None:
+    """What an operator does after OpenBao lost everything: roles and the broker's AppRole again."""
+    role = b.roles["demo"]
+    setup_token_role(server, role, [f"{role}-policy"])
+    secrets = Path(str(b.broker.config.vault.auth[0].secret_id_file)).parent
+    setup_approle(server, [role], secrets, role_name=f"broker-{role}")
+    b.seen_secrets.add((secrets / "secret_id").read_text().strip())
+
+
+async def test_openbao_paused_longer_than_a_rotation(brokers: BrokerFactory,
+                                                    private_openbao: OpenBaoDevServer) -> None:
+    b = await brokers.start({"demo": FAST}, vault=private_openbao)
+    first = await b.get_token()
+    private_openbao.pause()
+    try:
+        await _assert_reported_unhealthy(b)
+        await asyncio.sleep(max(0.0, _state(b).current.rotate_at - time.time()) + 0.5)  # rotation is overdue
+        for _ in range(5):
+            assert (await b.get_token())["token"] == first["token"], "the cached token is still served"
+        assert b.generation() == 1
+    finally:
+        private_openbao.resume()
+    await _assert_recovers(b, within=1 + 2 * 2 + 3)  # check_interval + two timed-out calls + slack
+    assert b.generation() >= 2
+    assert any(e["event"] == "rotation_failed" for e in b.audit_events())
+
+
+async def test_openbao_killed_then_back_empty(brokers: BrokerFactory, private_openbao: OpenBaoDevServer) -> None:
+    b = await brokers.start({"demo": FAST}, vault=private_openbao)
+    first = await b.get_token()
+    private_openbao.stop()
+    await _assert_reported_unhealthy(b)
+    assert (await b.get_token())["token"] == first["token"]
+    assert b.metric("broker_vault_requests_total", operation="lookup_accessor", outcome="unavailable") >= 1
+
+    private_openbao.start()  # dev mode keeps nothing: every token, role and AppRole is gone
+    _reprovision(private_openbao, b)
+    await _assert_recovers(b, within=8)
+    assert not token_is_valid(b.vault, first["token"])
+    events = [e["event"] for e in b.audit_events()]
+    assert events.count("vault_login") >= 2, "logged in again to the new OpenBao"
+    assert "check_failed" in events
+
+
+async def test_openbao_restarted_empty_while_up(brokers: BrokerFactory, private_openbao: OpenBaoDevServer) -> None:
+    b = await brokers.start({"demo": {**FAST, "rotate_after": "20s"}}, vault=private_openbao)
+    first = await b.get_token()
+    private_openbao.restart_empty()
+    _reprovision(private_openbao, b)
+    # Every token is gone at OpenBao; the check notices within check_interval and replaces it.
+    await b.wait_for(lambda: b.generation() >= 2, timeout=6, what="replacement of the lost token")
+    second = await b.get_token()
+    assert second["token"] != first["token"] and token_is_valid(b.vault, second["token"])
+    invalidated = [e for e in b.audit_events() if e["event"] == "token_invalidated"]
+    assert invalidated[0]["token_fp"] and invalidated[0]["generation"] == 1
+
+
+@pytest.fixture
+async def proxy(private_openbao: OpenBaoDevServer) -> AsyncIterator[TcpProxy]:
+    p = await TcpProxy("127.0.0.1", private_openbao.port).start()
+    yield p
+    await p.stop()
+
+
+async def test_slow_openbao_never_slows_fetches(brokers: BrokerFactory, private_openbao: OpenBaoDevServer,
+                                               proxy: TcpProxy) -> None:
+    b = await brokers.start({"demo": {**FAST, "rotate_after": "20s", "check_interval": "30s"}},
+                            vault=private_openbao, vault_address=proxy.address,
+                            extra="")
+    await b.get_token()
+    proxy.delay = 0.6  # every chunk each way: a rotation (create + lookup) now takes seconds
+    rotation = asyncio.create_task(b.request("POST", "/v1/tokens/demo/rotate", cert="ops"))
+    slowest = 0.0
+    while not rotation.done():
+        started = time.monotonic()
+        await b.get_token()
+        slowest = max(slowest, time.monotonic() - started)
+        await asyncio.sleep(0.05)
+    status, body, _ = await rotation
+    assert status == 200 and body["generation"] == 2, body
+    # A fetch that waited on OpenBao would take at least one 0.6 s delay.
+    assert slowest < 0.5, f"a fetch waited on OpenBao ({slowest:.2f}s)"
+
+
+async def test_connection_cut_mid_request_fails_the_rotation_then_recovers(
+    brokers: BrokerFactory, private_openbao: OpenBaoDevServer, proxy: TcpProxy
+) -> None:
+    b = await brokers.start({"demo": {**FAST, "rotate_after": "20s"}}, vault=private_openbao,
+                            vault_address=proxy.address)
+    first = await b.get_token()
+    proxy.delay = 0.5
+    rotation = asyncio.create_task(b.request("POST", "/v1/tokens/demo/rotate", cert="ops"))
+    await asyncio.sleep(0.3)
+    proxy.cut()  # the create request is on the wire
+    status, body, headers = await rotation
+    assert status == 503 and body["error"] == "unavailable" and "Retry-After" in headers
+    assert (await b.get_token())["token"] == first["token"]
+    assert b.metric("broker_rotations_total", profile="demo", outcome="failure") >= 1
+    proxy.delay = 0.0
+    proxy.heal()
+    await b.wait_for(lambda: b.generation() >= 2, timeout=5, what="the retried rotation")
+    await _assert_recovers(b, within=5)
