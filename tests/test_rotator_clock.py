@@ -51,15 +51,17 @@ async def test_backoff_grows_with_full_jitter_caps_and_marks_unhealthy(brokers: 
     proxy.cut()
     await clock.advance(current.rotate_at - clock.now())
     delays = []
-    for attempt in range(1, 12):
+    attempts = 11
+    for attempt in range(1, attempts + 1):
         await b.wait_for(lambda: b.broker.cache.get("demo").consecutive_failures == attempt,
                          what=f"failure {attempt}")
         delay = rotator.retry_at - clock.now()
         delays.append(delay)
         ceiling = min(300.0, 2.0 ** (attempt - 1))
-        assert 0.05 <= delay <= ceiling + 1e-9, (attempt, delay)
+        assert 0.05 - 1e-6 <= delay <= ceiling + 1e-6, (attempt, delay)  # epoch floats lose ~1e-7
         assert b.broker.cache.get("demo").unhealthy == (attempt >= 3)
-        await clock.advance(delay)
+        if attempt < attempts:
+            await clock.advance(delay)
     assert max(delays) > 8, "the ceiling grew (full jitter can still draw small values)"
     assert b.generation() == 1 and b.broker.cache.get("demo").current is current, "still serving the old one"
 
