@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -56,18 +57,32 @@ def repair_torn_tail(path: Path) -> bool:
 
 
 class AuditLog:
-    def __init__(self, path: Path, clock: Clock) -> None:
+    """``refuse_on_failure``: an event that cannot be written raises AuditUnavailable (and the
+    API hands out no token); otherwise the failure is logged and the event dropped."""
+
+    def __init__(self, path: Path, clock: Clock, refuse_on_failure: bool = True) -> None:
         self.path = path
         self._clock = clock
+        self._refuse = refuse_on_failure
         self._fd: int | None = None
         self.healthy = True
 
     def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if repair_torn_tail(self.path):
-            log.warning("audit_repaired path=%s reason=partial last line from an interrupted write was removed", self.path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        os.fchmod(self._fd, 0o600)
+        """Open for appending; a failure here is reported like a failed write, not fatal,
+        so the broker starts, says what is wrong, and recovers once the file is writable."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if repair_torn_tail(self.path):
+                log.warning("audit_repaired path=%s reason=partial last line from an interrupted write was removed",
+                            self.path)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            if stat.S_ISREG(os.fstat(self._fd).st_mode):
+                os.fchmod(self._fd, 0o600)
+            self.healthy = True
+        except OSError as exc:
+            self._fd = None
+            self.healthy = False
+            log.error("audit_open_failed path=%s error=%s", self.path, exc.strerror or exc)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -97,12 +112,16 @@ class AuditLog:
         line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
         try:
             if self._fd is None:
-                raise OSError("audit log is not open")
+                self.open()
+            if self._fd is None:
+                raise OSError("the audit log could not be opened")
             written = os.write(self._fd, line)
             if written != len(line):
                 raise OSError(f"short write ({written} of {len(line)} bytes)")
         except OSError as exc:
             self.healthy = False
-            log.error("audit_write_failed path=%s error=%s", self.path, exc)
-            raise AuditUnavailable(f"cannot write audit log {self.path}: {exc.strerror or exc}") from None
+            log.error("audit_write_failed path=%s event=%s error=%s", self.path, event, exc.strerror or exc)
+            if self._refuse:
+                raise AuditUnavailable(f"cannot write audit log {self.path}: {exc.strerror or exc}") from None
+            return
         self.healthy = True

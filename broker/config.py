@@ -42,6 +42,7 @@ class ServerConfig:
     tls13_ciphersuites: tuple[str, ...] = DEFAULT_CIPHERSUITES
     max_body_bytes: int = 64 * 1024
     handshake_timeout: float = 10.0
+    revoke_on_shutdown: bool = False  # default: running jobs keep their tokens across a restart
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,13 @@ class OpsConfig:
     port: int = 9090
 
 
+AUDIT_ON_FAILURE = ("refuse", "continue")
+
+
 @dataclass(frozen=True)
 class AuditConfig:
     path: Path
+    on_failure: str = "refuse"  # refuse: no token is handed out that cannot be audited
 
 
 @dataclass(frozen=True)
@@ -397,6 +402,15 @@ class _Reader:
             self.report(key, f"{_shown(value)} is not supported; use {_or_list(choices)}")
         return value
 
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._raw(key, required=False)
+        if value is _ABSENT:
+            return default
+        if not isinstance(value, bool):
+            self.report(key, f"expected true or false, {_got(value)}")
+            return default
+        return value
+
     def integer(self, key: str, default: int, minimum: int) -> int:
         value = self._typed(key, int, required=False)
         if value is _ABSENT:
@@ -607,6 +621,7 @@ def _server(r: _Reader) -> ServerConfig:
             )
     max_body_bytes = r.integer("max_body_bytes", 64 * 1024, minimum=1)
     handshake_timeout = r.duration("handshake_timeout", "10s", positive=True)
+    revoke_on_shutdown = r.boolean("revoke_on_shutdown", False)
     r.finish()
     return ServerConfig(
         host=host,
@@ -617,6 +632,7 @@ def _server(r: _Reader) -> ServerConfig:
         tls13_ciphersuites=suites,
         max_body_bytes=max_body_bytes,
         handshake_timeout=handshake_timeout,
+        revoke_on_shutdown=revoke_on_shutdown,
     )
 
 
@@ -628,8 +644,9 @@ def _ops(r: _Reader) -> OpsConfig:
 
 def _audit(r: _Reader) -> AuditConfig:
     path = r.path("path", "audit.jsonl")
+    on_failure = r.choice("on_failure", AUDIT_ON_FAILURE, default="refuse")
     r.finish()
-    return AuditConfig(path=path)
+    return AuditConfig(path=path, on_failure=on_failure)
 
 
 def _state(r: _Reader) -> StateConfig:

@@ -19,7 +19,7 @@ from broker.api.app import ApiDeps, make_app
 from broker.audit import AuditLog
 from broker.clock import Clock, SystemClock
 from broker.config import Config
-from broker.errors import CertError, ConfigError
+from broker.errors import BrokerError, CertError, ConfigError
 from broker.metrics import Metrics
 from broker.ops.server import OpsDeps, make_ops_app
 from broker.tokens.model import TokenCache
@@ -96,7 +96,8 @@ class Broker:
             audit=self.audit, metrics=self.metrics, clock=self.clock, max_body_bytes=cfg.server.max_body_bytes,
         )), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
         ops = web.AppRunner(make_ops_app(OpsDeps(
-            cache=self.cache, metrics=self.metrics, clock=self.clock, audit_ok=lambda: self.audit.healthy,
+            cache=self.cache, metrics=self.metrics, clock=self.clock,
+            audit_ok=lambda: self.audit.healthy, audit_required=cfg.audit.on_failure == "refuse",
             vault_status=lambda: (self.auth.authenticated, self.auth.last_error),
         )), access_log=None, handle_signals=False, shutdown_timeout=2.0)
         api_sock = bind(cfg.server.host, cfg.server.port)
@@ -117,6 +118,14 @@ class Broker:
         while self._runners:
             await self._runners.pop().cleanup()
 
+    async def _revoke_everything(self) -> None:
+        """Opt-in ([server] revoke_on_shutdown): nothing this broker handed out outlives it."""
+        for rotator in self.rotators.values():
+            try:
+                await rotator.revoke_everything("shutdown")
+            except BrokerError as exc:
+                log.error("shutdown_revoke_failed profile=%s error=%s", rotator.name, exc)
+
     async def run(self, stop: asyncio.Event, on_started: Callable[[Broker], None] | None = None) -> None:
         self.audit.open()
         self.store.prepare()
@@ -136,6 +145,8 @@ class Broker:
                 await self._stop_listeners()
                 for task in tasks:
                     task.cancel()
+            if self.config.server.revoke_on_shutdown:
+                await self._revoke_everything()
         finally:
             await self._stop_listeners()
             self.vault.close()
@@ -153,7 +164,7 @@ def build(config: Config, clock: Clock | None = None, registry: CollectorRegistr
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     metrics.vault_authenticated.set(0)
     metrics.revocations_pending.set(0)
-    audit = AuditLog(config.audit.path, clock)
+    audit = AuditLog(config.audit.path, clock, refuse_on_failure=config.audit.on_failure == "refuse")
     store = StateStore(config.state.dir)
     vcfg = config.vault
     vault = VaultClient(VaultClientConfig(address=vcfg.address, timeout=vcfg.timeout,

@@ -131,11 +131,13 @@ def _toml_value(value: Any) -> str:
 
 
 def write_config(directory: Path, pki: Pki, vault_address: str, auth: list[dict[str, str]],
-                 profiles: dict[str, dict[str, Any]], extra: str = "") -> Path:
+                 profiles: dict[str, dict[str, Any]], extra: str = "", *, audit_on_failure: str | None = None,
+                 server_extra: str = "") -> Path:
     lines = [
         "[server]", 'listen = "127.0.0.1:0"', f'cert = "{pki.dir}/server.pem"', f'key = "{pki.dir}/server.key"',
-        f'client_ca = "{pki.ca}"', "", "[ops]", 'listen = "127.0.0.1:0"', "",
-        "[audit]", 'path = "audit.jsonl"', "", "[state]", 'dir = "state"', "",
+        f'client_ca = "{pki.ca}"', server_extra, "", "[ops]", 'listen = "127.0.0.1:0"', "",
+        "[audit]", 'path = "audit.jsonl"', f'on_failure = "{audit_on_failure}"' if audit_on_failure else "", "",
+        "[state]", 'dir = "state"', "",
         "[vault]", f'address = "{vault_address}"', 'timeout = "2s"', "",
     ]
     for entry in auth:
@@ -274,6 +276,8 @@ class BrokerFactory:
         directory: Path | None = None,
         roles: dict[str, str] | None = None,
         broker_policy: str | None = None,
+        audit_on_failure: str | None = None,
+        server_extra: str = "",
     ) -> RunningBroker:
         vault = vault or self.openbao
         profiles = profiles or {"demo": {}}
@@ -293,7 +297,8 @@ class BrokerFactory:
             name: {**DEFAULT_PROFILE, "token_role": roles[name], "policies": [f"{roles[name]}-policy"], **settings}
             for name, settings in profiles.items()
         }
-        config = load_config(write_config(directory, self.pki, vault_address or vault.address, auth, full, extra))
+        config = load_config(write_config(directory, self.pki, vault_address or vault.address, auth, full, extra,
+                                          audit_on_failure=audit_on_failure, server_extra=server_extra))
         broker = build(config, clock=clock, registry=CollectorRegistry())
         started = asyncio.Event()
         stop = asyncio.Event()
@@ -322,7 +327,7 @@ class BrokerFactory:
 def assert_no_leaks(running: RunningBroker, log_lines: list[str]) -> None:
     haystacks = {
         "logs": "\n".join(log_lines),
-        "audit": running.audit_path.read_text() if running.audit_path.exists() else "",
+        "audit": running.audit_path.read_text() if running.audit_path.is_file() else "",
         "metrics": running.metrics_text(),
         "state": "".join(p.read_text() for p in running.broker.config.state.dir.glob("*.json")),
     }

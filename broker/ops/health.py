@@ -34,11 +34,13 @@ def profile_report(now: float, state: ProfileState) -> dict[str, object]:
 
 
 def readiness(now: float, states: Iterable[ProfileState], audit_ok: bool, vault_authenticated: bool,
-              vault_error: str | None) -> Readiness:
+              vault_error: str | None, audit_required: bool = True) -> Readiness:
+    """``audit_required`` false ([audit] on_failure = "continue"): a failing audit log is
+    reported but does not make the broker unready, since it keeps serving."""
     profiles = {s.name: profile_report(now, s) for s in states}
     problems = [f"profile {name}: {'; '.join(r['reasons'])}"  # type: ignore[arg-type]
                 for name, r in profiles.items() if not r["ready"]]
-    if not audit_ok:
+    if not audit_ok and audit_required:
         problems.append("audit log cannot be written")
     return Readiness(
         ready=not problems,

@@ -20,6 +20,7 @@ class OpsDeps:
     metrics: Metrics
     clock: Clock
     audit_ok: Callable[[], bool]
+    audit_required: bool
     vault_status: Callable[[], tuple[bool, str | None]]
 
 
@@ -33,7 +34,8 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     deps = request.app[OPS]
     authenticated, vault_error = deps.vault_status()
-    result = readiness(deps.clock.now(), deps.cache.all(), deps.audit_ok(), authenticated, vault_error)
+    result = readiness(deps.clock.now(), deps.cache.all(), deps.audit_ok(), authenticated, vault_error,
+                       deps.audit_required)
     return web.json_response(result.details, status=200 if result.ready else 503)
 
 

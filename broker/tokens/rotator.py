@@ -233,8 +233,8 @@ class Rotator:
         assert state.current is not None
         return state.current
 
-    async def revoke_all(self) -> ProfileState:
-        """Incident response: revoke current, previous and every pending token now; mint anew."""
+    async def revoke_everything(self, reason: str) -> None:
+        """Revoke current, previous and every pending token of the profile now; mint nothing."""
         async with self._mutating:
             state = self.state
             self._publish(dataclasses.replace(state, current=None, previous=None, grace_until=None))
@@ -242,8 +242,12 @@ class Rotator:
                 if token is not None:
                     await self._revocations.revoke(PendingRevocation(
                         accessor=token.accessor, profile=self.name, generation=token.generation,
-                        token_fp=token.fp, revoke_at=self._clock.now()), "admin_revoke")
-            await self._revocations.revoke_profile_now(self.name, "admin_revoke")
+                        token_fp=token.fp, revoke_at=self._clock.now()), reason)
+            await self._revocations.revoke_profile_now(self.name, reason)
+
+    async def revoke_all(self) -> ProfileState:
+        """Incident response: revoke everything the profile handed out, then mint anew."""
+        await self.revoke_everything("admin_revoke")
         return await self.rotate("admin_revoke")
 
     # --- the loop --------------------------------------------------------------------

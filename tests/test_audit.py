@@ -1,0 +1,75 @@
+"""The audit log: format, mode, torn-line repair, and what happens when it cannot be written."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+from broker.audit import AuditLog, repair_torn_tail
+from tests.conftest import BrokerFactory, token_is_valid
+from tests.fakes import FakeClock
+
+AUDIT_KEYS = {"ts", "event", "profile", "identity", "generation", "token_fp", "outcome", "reason"}
+
+
+def test_events_are_json_lines_mode_0600(tmp_path: Path) -> None:
+    audit = AuditLog(tmp_path / "audit.jsonl", FakeClock())
+    audit.open()
+    audit.event("token_served", profile="demo", identity="cn:job", generation=3, token_fp="0123456789abcdef")
+    audit.event("vault_login", method="approle")
+    audit.close()
+    assert stat.S_IMODE(os.stat(tmp_path / "audit.jsonl").st_mode) == 0o600
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert AUDIT_KEYS <= set(lines[0]) and lines[0]["generation"] == 3 and lines[0]["ts"].endswith("Z")
+    assert lines[1]["method"] == "approle"
+
+
+def test_unknown_event_names_are_refused(tmp_path: Path) -> None:
+    audit = AuditLog(tmp_path / "audit.jsonl", FakeClock())
+    audit.open()
+    try:
+        audit.event("token_sold")
+    except ValueError as exc:
+        assert "token_sold" in str(exc)
+    else:
+        raise AssertionError("an unknown event was written")
+
+
+def test_a_torn_last_line_is_cut_on_open(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    path.write_text('{"event":"token_served"}\n{"event":"token_rot')
+    audit = AuditLog(path, FakeClock())
+    audit.open()
+    audit.event("token_rotated", profile="demo")
+    audit.close()
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["event"] for line in lines] == ["token_served", "token_rotated"]
+    assert not repair_torn_tail(path), "nothing left to repair"
+
+
+async def _start_with_audit(brokers: BrokerFactory, tmp_path: Path, on_failure: str):  # type: ignore[no-untyped-def]
+    directory = tmp_path / f"audit-{on_failure}"
+    directory.mkdir()
+    (directory / "audit.jsonl").symlink_to("/dev/full")  # every write fails with ENOSPC, as on a full disk
+    return await brokers.start(directory=directory, audit_on_failure=on_failure)
+
+
+async def test_full_disk_refuses_tokens_it_cannot_audit(brokers: BrokerFactory, tmp_path: Path) -> None:
+    b = await _start_with_audit(brokers, tmp_path, "refuse")
+    status, body, headers = await b.request("GET", "/v1/tokens/demo")
+    assert status == 503 and body["error"] == "audit_unavailable"
+    assert "audit log" in body["message"] and headers["Retry-After"]
+    status, ready = await b.ops("/readyz")
+    assert status == 503 and "audit log cannot be written" in ready["problems"] and ready["audit"] == "failing"
+    assert b.broker.cache.get("demo").current is not None, "rotation goes on; only serving stops"
+    assert (await b.ops("/healthz"))[0] == 200
+
+
+async def test_on_failure_continue_keeps_serving(brokers: BrokerFactory, tmp_path: Path) -> None:
+    b = await _start_with_audit(brokers, tmp_path, "continue")
+    body = await b.get_token()
+    assert token_is_valid(b.vault, body["token"])
+    status, ready = await b.ops("/readyz")
+    assert status == 200 and ready["audit"] == "failing"
