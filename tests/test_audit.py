@@ -73,3 +73,20 @@ async def test_on_failure_continue_keeps_serving(brokers: BrokerFactory, tmp_pat
     assert token_is_valid(b.vault, body["token"])
     status, ready = await b.ops("/readyz")
     assert status == 200 and ready["audit"] == "failing"
+
+
+def test_token_and_login_values_never_show_in_repr_or_str() -> None:
+    from broker.tokens.model import Token
+    from broker.tokens.store import PendingRevocation
+    from broker.vault.client import Login, Minted
+
+    secret = "s.SuperSecretTokenValue1234567890"
+    objects = [
+        Token(value=secret, accessor="acc-SECRET", generation=1, issued_at=0, expires_at=10, rotate_at=5),
+        Login(token=secret, accessor="acc-SECRET", ttl=10, renewable=True),
+        Minted(token=secret, accessor="acc-SECRET", ttl=10, orphan=True),
+        PendingRevocation(accessor="acc-SECRET", profile="demo", generation=1, token_fp="f", revoke_at=1),
+    ]
+    for obj in objects:
+        for text in (repr(obj), str(obj)):
+            assert secret not in text and "acc-SECRET" not in text, text
