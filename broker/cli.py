@@ -7,22 +7,46 @@ stderr, never a traceback, and never contain a token.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import logging
 import os
+import re
 import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from broker.errors import BrokerError, CertError, ConfigError
 
+if TYPE_CHECKING:
+    from broker.client import BrokerClient
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+# A POSIX shell variable name (str.isidentifier would also admit "é" or "ünïcode").
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Ctrl-C is how these are meant to stop; for every other command it cuts the work short.
+LONG_RUNNING = frozenset({"serve", "dev"})
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error style: one line on stderr, exit 2 (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="broker", description="mTLS sidecar token broker for CI runners")
+    p = _Parser(prog="broker", description="mTLS sidecar token broker for CI runners")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the broker")
@@ -56,21 +80,28 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument("--format", choices=("raw", "json", "env"), default="raw")
     get.add_argument("--env-name", default="VAULT_TOKEN", help="variable name for --format env")
     get.add_argument("--output", type=Path, help="write to this file (0600) instead of stdout")
-    get.add_argument("--retries", type=int, default=5, help="retries on 503 / connection errors")
+    get.add_argument("--retries", type=_non_negative, default=5, help="retries on 503 / connection errors")
 
     for action in ("rotate", "revoke"):
         admin = sub.add_parser(action, help=f"admin: {action} a profile's token now")
         admin.add_argument("profile")
-        admin.add_argument("--retries", type=int, default=2)
+        admin.add_argument("--retries", type=_non_negative, default=2)
     return p
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=os.environ.get("BROKER_LOG_LEVEL", "INFO").upper(), stream=sys.stderr,
+    import logging  # here and below: imports only serve and dev need keep `broker get` quick to start
+
+    level = os.environ.get("BROKER_LOG_LEVEL", "INFO").upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise _Usage(f"BROKER_LOG_LEVEL {level!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+    logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
     from broker.config import load_config
     from broker.service import build, install_uvloop, serve_until_signalled
 
@@ -93,11 +124,17 @@ def _check(args: argparse.Namespace) -> int:
 
     problems = check_config(args.config)
     for problem in problems:
-        print(f"{args.config}: {problem}", file=sys.stderr)
+        print(_in_file(args.config, problem), file=sys.stderr)
     if problems:
         return EXIT_USAGE
     print(f"{args.config}: ok")
     return EXIT_OK
+
+
+def _in_file(config: Path, problem: str) -> str:
+    """``FILE: problem``, unless the problem already names the file (it does for file-level ones)."""
+    named = (str(config), os.path.abspath(config))
+    return problem if problem.startswith(named) else f"{config}: {problem}"
 
 
 def _certs(args: argparse.Namespace) -> int:
@@ -115,7 +152,7 @@ def _certs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _client(retries: int):  # type: ignore[no-untyped-def]
+def _client(retries: int) -> BrokerClient:
     from broker.client import BrokerClient, ClientConfig
 
     return BrokerClient(ClientConfig.from_env(os.environ, retries=retries))
@@ -134,8 +171,8 @@ def _get(args: argparse.Namespace) -> int:
     from broker.client import write_secret_file
     from broker.config import parse_duration
 
-    if not args.env_name.isidentifier():
-        raise _Usage(f"--env-name {args.env_name!r} is not a valid variable name")
+    if not ENV_NAME.fullmatch(args.env_name):
+        raise _Usage(f"--env-name {args.env_name!r} is not a shell variable name (letters, digits, _)")
     try:
         min_ttl = parse_duration(args.min_ttl) if args.min_ttl is not None else None
     except ValueError as exc:
@@ -145,7 +182,10 @@ def _get(args: argparse.Namespace) -> int:
         print(f"::add-mask::{body['token']}", flush=True)
     text = _render(body, args.format, args.env_name)
     if args.output:
-        write_secret_file(args.output, text)
+        try:
+            write_secret_file(args.output, text)
+        except OSError as exc:
+            raise _Failure(f"cannot write {args.output}: {exc.strerror or exc}") from None
         print(f"wrote {args.format} token for {args.profile} (generation {body.get('generation')}, "
               f"expires {body.get('expires_at')}) to {args.output}", file=sys.stderr)
     else:
@@ -163,8 +203,36 @@ class _Usage(BrokerError):
     pass
 
 
+class _Failure(BrokerError):
+    pass
+
+
 COMMANDS = {"serve": _serve, "dev": _dev, "check": _check, "certs": _certs, "get": _get,
             "rotate": _admin, "revoke": _admin}
+
+
+def _report(command: str, exc: BaseException) -> int:
+    """Print one line per problem of an expected failure; the exit code it calls for."""
+    prefix = f"broker {command}"
+    if isinstance(exc, ConfigError):
+        for problem in exc.problems:
+            print(f"{prefix}: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"{prefix}: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"{prefix}: {exc}", file=sys.stderr)
+    if isinstance(exc, (_Usage, CertError)):
+        return EXIT_USAGE
+    return int(getattr(exc, "exit_code", EXIT_FAILURE))
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -172,14 +240,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        return EXIT_OK
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"broker {args.command}: {problem}", file=sys.stderr)
-        return EXIT_USAGE
-    except (_Usage, CertError) as exc:
-        print(f"broker {args.command}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except BrokerError as exc:
-        print(f"broker {args.command}: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", EXIT_FAILURE)
+        if args.command in LONG_RUNNING:
+            return EXIT_OK
+        print(f"broker {args.command}: interrupted", file=sys.stderr)
+        return EXIT_FAILURE
+    except (BrokerError, OSError) as exc:
+        return _report(args.command, exc)
+    except BaseExceptionGroup as group:
+        # serve/dev run in a TaskGroup, which wraps a start-up failure (port taken...) in a group.
+        leaves = _leaves(group)
+        if not all(isinstance(e, (BrokerError, OSError)) for e in leaves):
+            raise  # a bug: keep the traceback
+        return max(_report(args.command, e) for e in leaves)

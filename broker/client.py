@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import random
 import ssl
 import time
@@ -52,6 +53,10 @@ class ClientConfig:
                 raise ClientError(f"{name} file {path} does not exist", exit_code=2)
         url = env.get("BROKER_URL") or DEFAULT_URL
         parts = urlsplit(url)
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+        except ValueError:
+            raise ClientError(f"BROKER_URL {url!r} has an invalid port", exit_code=2) from None
         if parts.scheme != "https" or not parts.hostname:
             raise ClientError(f"BROKER_URL must be an https:// URL, got {url!r}", exit_code=2)
         return cls(url=url, cert=paths["BROKER_CERT"], key=paths["BROKER_KEY"], ca=paths["BROKER_CA"],
@@ -65,7 +70,11 @@ class Answer:
     headers: Mapping[str, str]
 
     def json(self) -> dict[str, object]:
-        return dict(json.loads(self.body))
+        """The body as a JSON object; ValueError if it is anything else."""
+        data = json.loads(self.body)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
 
     def error_message(self) -> str:
         try:
@@ -101,24 +110,24 @@ class BrokerClient:
 
     def request(self, method: str, path: str, accept: str = "application/json") -> Answer:
         """One call, retried on 503 and on connection failures; other answers return at once."""
-        attempts = self._config.retries + 1
+        attempts = max(0, self._config.retries) + 1
         for attempt in range(1, attempts + 1):
             try:
                 answer = self._once(method, path, accept)
             except ssl.SSLCertVerificationError as exc:
-                raise ClientError(f"cannot verify the broker's certificate with BROKER_CA "
-                                  f"({exc.verify_message}); is BROKER_CA the CA that signed the broker's cert?") from None
+                raise ClientError(f"cannot verify the broker's certificate with BROKER_CA ({exc.verify_message}); "
+                                  "is BROKER_CA the CA that signed the broker's cert?") from None
             except ssl.SSLError as exc:
-                problem = f"TLS handshake with {self._config.url} failed ({exc.reason or exc}); " \
-                          "the broker refused this client certificate or the connection is not TLS 1.3"
+                problem = (f"TLS handshake with {self._config.url} failed ({exc.reason or exc}); the broker "
+                           "refused this client certificate (check BROKER_CERT and BROKER_KEY) or does not speak "
+                           "TLS 1.3")
                 if attempt == attempts:
                     raise ClientError(problem) from None
                 self._sleep(self._backoff(attempt, None))
                 continue
             except (OSError, http.client.HTTPException) as exc:
                 if attempt == attempts:
-                    raise ClientError(f"cannot reach the broker at {self._config.url} after {attempts} attempts "
-                                      f"({exc.__class__.__name__}: {exc})") from None
+                    raise ClientError(_unreachable(self._config.url, attempts, exc)) from None
                 self._sleep(self._backoff(attempt, None))
                 continue
             if answer.status != 503 or attempt == attempts:
@@ -137,8 +146,11 @@ class BrokerClient:
     def get_token(self, profile: str, min_ttl: float | None = None) -> dict[str, object]:
         path = f"/v1/tokens/{quote(profile, safe='')}"
         if min_ttl:
-            path += f"?min_ttl={int(min_ttl)}"
-        return self._ok(self.request("GET", path))
+            path += f"?min_ttl={math.ceil(min_ttl)}"  # rounding down would ask for less than wanted
+        body = self._ok(self.request("GET", path))
+        if not isinstance(body.get("token"), str) or not body["token"]:
+            raise ClientError("the broker's answer carries no token; is BROKER_URL the token broker?")
+        return body
 
     def admin(self, profile: str, action: str) -> dict[str, object]:
         return self._ok(self.request("POST", f"/v1/tokens/{quote(profile, safe='')}/{action}"))
@@ -147,7 +159,25 @@ class BrokerClient:
     def _ok(answer: Answer) -> dict[str, object]:
         if answer.status != 200:
             raise ClientError(f"broker answered {answer.status} {answer.error_message()}")
-        return answer.json()
+        try:
+            return answer.json()
+        except ValueError:
+            raise ClientError("the broker answered 200 but not with a JSON object; "
+                              "is BROKER_URL the token broker?") from None
+
+
+# After a completed TLS 1.3 handshake the broker may still refuse the client certificate; the
+# client then sees the connection closed (the alert is lost, see broker.tls), not a TLS error.
+_CLOSED = (http.client.RemoteDisconnected, ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
+
+
+def _unreachable(url: str, attempts: int, exc: BaseException) -> str:
+    detail = f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
+    tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
+    if isinstance(exc, _CLOSED):
+        return (f"the broker at {url} closed the connection without answering ({detail}; {tries}); if it "
+                "does so every time, it does not trust this client certificate: check BROKER_CERT and BROKER_KEY")
+    return f"cannot reach the broker at {url} after {tries} ({detail})"
 
 
 def write_secret_file(path: Path, text: str) -> None:

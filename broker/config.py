@@ -29,7 +29,7 @@ TLS13_CIPHERSUITES = (
     "TLS_AES_128_CCM_SHA256",
     "TLS_AES_128_CCM_8_SHA256",
 )
-ROTATION_JITTER = 0.1  # rotation fires up to this fraction after rotate_after (DESIGN §6.2)
+ROTATION_JITTER = 0.1  # rotation fires within ± this fraction of rotate_after (DESIGN §6.2)
 
 
 @dataclass(frozen=True)

@@ -35,12 +35,21 @@ class FakeClock:
             await asyncio.sleep(0)
 
     async def advance(self, seconds: float) -> None:
+        """Move time forward, waking every sleeper due by then, including sleepers that woken
+        tasks start along the way. Epoch-sized floats lose ~1e-7 s in ``now + (t - now)``, so
+        "due" allows that much."""
         target = self._now + seconds
-        while self._sleepers and self._sleepers[0][0] <= target:
-            due, _, future = heapq.heappop(self._sleepers)
-            self._now = max(self._now, due)
-            if not future.done():
-                future.set_result(None)
+        while True:
+            while self._sleepers and self._sleepers[0][0] <= target + EPSILON:
+                due, _, future = heapq.heappop(self._sleepers)
+                self._now = max(self._now, min(due, target))
+                if not future.done():
+                    future.set_result(None)
+                await self.settle()
+            self._now = max(self._now, target)
             await self.settle()
-        self._now = target
-        await self.settle()
+            if not (self._sleepers and self._sleepers[0][0] <= target + EPSILON):
+                return
+
+
+EPSILON = 1e-6

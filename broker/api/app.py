@@ -45,6 +45,12 @@ class ApiDeps:
 
 DEPS = web.AppKey("deps", ApiDeps)
 
+# aiohttp's default request-line limit (8190 bytes) answers a longer line with a plain-text 400
+# before routing, so the caller gets no JSON error. A generous limit lets absurd profile names
+# (thousands of characters) reach the handlers and get the usual JSON 403/404; only request
+# lines beyond this still get aiohttp's own plain-text 400. Per-connection memory stays small.
+MAX_REQUEST_LINE = 32 * 1024
+
 
 def error_response(status: int, message: str, code: str | None = None,
                    headers: Mapping[str, str] | None = None) -> web.Response:
@@ -115,7 +121,8 @@ async def _no_store(request: web.Request, response: web.StreamResponse) -> None:
 def make_app(deps: ApiDeps) -> web.Application:
     from broker.api import handlers  # late: handlers import this module's helpers
 
-    app = web.Application(middlewares=[errors_middleware], client_max_size=deps.max_body_bytes)
+    app = web.Application(middlewares=[errors_middleware], client_max_size=deps.max_body_bytes,
+                          handler_args={"max_line_size": MAX_REQUEST_LINE})
     app[DEPS] = deps
     app.on_response_prepare.append(_no_store)
     handlers.add_routes(app)

@@ -106,7 +106,8 @@ async def get_token(request: web.Request) -> web.Response:
     caller = caller_of(request)
     profile, identity = _profile_for(deps, caller, request.match_info["profile"])
     if profile.mode != "shared":
-        raise ApiError(400, f"profile {profile.name} is per-job; start a token family with POST /v1/tokens/{profile.name}")
+        raise ApiError(400, f"profile {profile.name} is per-job; "
+                            f"start a token family with POST /v1/tokens/{profile.name}")
     min_ttl = _min_ttl(request, profile)
     rotator = deps.rotators[profile.name]
     try:
@@ -159,8 +160,9 @@ def _admin_rotator(request: web.Request) -> tuple[ApiDeps, Caller, Rotator]:
     caller = caller_of(request)
     name = request.match_info["profile"]
     if not is_admin(caller.identities, deps.admin_allow):
-        _audit(deps, "token_denied", profile=name, identity=caller.primary, outcome="denied",
-               reason="admin action by a non-admin")
+        # Only a known name goes to audit: the path is the caller's to fill (up to 32 KiB).
+        _audit(deps, "token_denied", profile=name if name in deps.profiles else None, identity=caller.primary,
+               outcome="denied", reason="admin action by a non-admin")
         raise ApiError(403, "admin actions need a certificate matching [admin].allow")
     rotator = deps.rotators.get(name)
     if rotator is None:
@@ -197,8 +199,10 @@ async def admin_revoke(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/v1/tokens", list_tokens)
-    app.router.add_get("/v1/whoami", whoami)
-    app.router.add_get("/v1/tokens/{profile}", get_token)
+    # No implicit HEAD: a HEAD fetch would mint (min_ttl) and audit token_served for a token
+    # that is never delivered.
+    app.router.add_get("/v1/tokens", list_tokens, allow_head=False)
+    app.router.add_get("/v1/whoami", whoami, allow_head=False)
+    app.router.add_get("/v1/tokens/{profile}", get_token, allow_head=False)
     app.router.add_post("/v1/tokens/{profile}/rotate", admin_rotate)
     app.router.add_post("/v1/tokens/{profile}/revoke", admin_revoke)

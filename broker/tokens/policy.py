@@ -48,7 +48,8 @@ def backoff_delay(failures: int, jitter: float, now: float, current: Token | Non
     While a token is still being served, never sleep past its expiry: the last chance to
     replace it must not be slept through.
     """
-    ceiling = min(cap, BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, failures - 1))
+    # The exponent is bounded: 2 ** 1024 overflows a float, and 2 ** 20 s is far past any cap.
+    ceiling = min(cap, BACKOFF_CAP, BACKOFF_BASE * 2 ** min(max(0, failures - 1), 20))
     delay = jitter * ceiling
     if current is not None and current.expires_at > now:
         delay = min(delay, current.expires_at - now)

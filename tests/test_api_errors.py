@@ -1,0 +1,366 @@
+"""Every input the mTLS API rejects: the exact status, a JSON error body, ``Cache-Control:
+no-store``, and a broker that still serves tokens afterwards (DESIGN §3, §8).
+
+One broker serves the whole module (starting one costs more than all these requests), with
+the same leak scan at teardown as the ``brokers`` fixture. Tests here never rely on a
+particular generation, only on what one request did, so their order does not matter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from yarl import URL
+
+from broker.api import handlers
+from broker.devserver import OpenBaoDevServer
+from tests.conftest import BrokerFactory, Pki, RunningBroker
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "demo": {},  # ttl 30s: min_ttl may be at most 29
+    "ops-only": {"allow": ["cn:ops"]},
+}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def b(tmp_path_factory: pytest.TempPathFactory, pki: Pki, openbao: OpenBaoDevServer,
+            log_lines: list[str]) -> AsyncIterator[RunningBroker]:
+    factory = BrokerFactory(tmp_path_factory.mktemp("api-errors"), pki, openbao, log_lines)
+    try:
+        yield await factory.start(PROFILES)
+    finally:
+        await factory.close()
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Raw:
+    status: int
+    text: str
+    headers: Mapping[str, str]
+    content_type: str
+
+    def json(self) -> dict[str, Any]:
+        body = json.loads(self.text)
+        assert isinstance(body, dict)
+        return body
+
+
+async def raw(b: RunningBroker, method: str, path: str, cert: str = "job", **kwargs: Any) -> Raw:
+    """One mTLS request whose path goes on the wire exactly as written (no client-side
+    normalisation of ``%2e%2e`` or ``..``), returning the body unparsed."""
+    url = URL(b.url + path, encoded=True)
+    connector = aiohttp.TCPConnector(ssl=b.pki.client_context(cert), force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.request(method, url, **kwargs) as response:
+            return Raw(response.status, await response.text(), response.headers, response.content_type)
+
+
+def assert_error(answer: Raw, status: int, code: str, *needles: str) -> dict[str, Any]:
+    """Exactly ``status``, a JSON ``{"error": code, "message": ...}`` naming every needle, no-store."""
+    assert answer.status == status, answer.text
+    assert answer.content_type == "application/json", answer.text
+    assert answer.headers.get("Cache-Control") == "no-store"
+    body = answer.json()
+    assert set(body) == {"error", "message"}, body
+    assert body["error"] == code
+    assert isinstance(body["message"], str) and len(body["message"]) > 10
+    for needle in needles:
+        assert needle in body["message"], body
+    return body
+
+
+async def assert_still_serving(b: RunningBroker) -> None:
+    """The broker answers a normal fetch with a live token afterwards."""
+    body = await b.get_token()
+    assert body["profile"] == "demo" and body["ttl"] > 0 and body["token"]
+
+
+def audit_after(b: RunningBroker, mark: int) -> list[dict[str, Any]]:
+    return b.audit_events()[mark:]
+
+
+FORBIDDEN_NEEDLE = "may not fetch"
+
+
+# --- forbidden and unknown profiles look the same ------------------------------------------
+
+async def test_forbidden_profile_is_403_and_audited(b: RunningBroker) -> None:
+    mark = len(b.audit_events())
+    answer = await raw(b, "GET", "/v1/tokens/demo", cert="stranger")
+    assert_error(answer, 403, "forbidden", FORBIDDEN_NEEDLE)
+    denied = [e for e in audit_after(b, mark) if e["event"] == "token_denied"]
+    assert [(e["profile"], e["identity"], e["outcome"]) for e in denied] == [("demo", "cn:stranger", "denied")]
+    assert not [e for e in audit_after(b, mark) if e["event"] == "token_served"]
+    await assert_still_serving(b)
+
+
+async def test_unknown_profile_is_403_byte_identical_to_forbidden(b: RunningBroker) -> None:
+    mark = len(b.audit_events())
+    forbidden = await raw(b, "GET", "/v1/tokens/demo", cert="stranger")
+    unknown = await raw(b, "GET", "/v1/tokens/no-such-profile", cert="job")
+    assert_error(unknown, 403, "forbidden", FORBIDDEN_NEEDLE)
+    assert unknown.text == forbidden.text, "an unknown profile must not be told apart from a forbidden one"
+    assert unknown.headers.get("Content-Type") == forbidden.headers.get("Content-Type")
+    denied = [e for e in audit_after(b, mark) if e["event"] == "token_denied"]
+    assert [e["identity"] for e in denied] == ["cn:stranger", "cn:job"]
+    assert denied[1]["reason"] == "unknown profile" and denied[0]["reason"] != "unknown profile"
+    await assert_still_serving(b)
+
+
+async def test_profile_allowed_to_someone_else_is_403(b: RunningBroker) -> None:
+    answer = await raw(b, "GET", "/v1/tokens/ops-only", cert="job")
+    assert_error(answer, 403, "forbidden", FORBIDDEN_NEEDLE)
+    await assert_still_serving(b)
+
+
+# --- routing: unknown path, wrong method, oversized body -----------------------------------
+
+@pytest.mark.parametrize("path", ["/v1/nope", "/", "/v1/tokens/demo/extra/segments", "/v2/tokens/demo"])
+async def test_unknown_route_is_404_json(b: RunningBroker, path: str) -> None:
+    answer = await raw(b, "GET", path)
+    assert_error(answer, 404, "not_found", "/v1/tokens/{profile}")
+    await assert_still_serving(b)
+
+
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("DELETE", "/v1/tokens/demo", "GET"),
+    ("PUT", "/v1/whoami", "GET"),
+    ("POST", "/v1/whoami", "GET"),
+    ("GET", "/v1/tokens/demo/rotate", "POST"),
+])
+async def test_wrong_method_is_405_json(b: RunningBroker, method: str, path: str, allowed: str) -> None:
+    answer = await raw(b, method, path)
+    assert_error(answer, 405, "method_not_allowed", method, allowed)
+    assert allowed in answer.headers.get("Allow", "")
+    await assert_still_serving(b)
+
+
+async def test_head_on_a_token_is_405_and_serves_nothing(b: RunningBroker) -> None:
+    mark = len(b.audit_events())
+    answer = await raw(b, "HEAD", "/v1/tokens/demo?min_ttl=29")
+    assert answer.status == 405 and answer.text == ""  # a HEAD answer has no body to carry JSON
+    assert answer.headers.get("Cache-Control") == "no-store" and answer.headers.get("Allow") == "GET"
+    assert not [e for e in audit_after(b, mark) if e["event"] in ("token_served", "token_minted")]
+    await assert_still_serving(b)
+
+
+async def test_body_over_the_limit_is_413_json_and_nothing_rotates(b: RunningBroker) -> None:
+    before = b.generation()
+    answer = await raw(b, "POST", "/v1/tokens/demo/rotate", cert="ops", data=b"x" * (1024 * 1024))
+    assert_error(answer, 413, "payload_too_large", str(64 * 1024))
+    assert b.generation() == before
+    await assert_still_serving(b)
+
+
+async def test_internal_error_is_500_json_without_details(b: RunningBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(_: float) -> str:
+        raise RuntimeError("detail that must stay in the log")
+
+    monkeypatch.setattr(handlers, "rfc3339", boom)
+    answer = await raw(b, "GET", "/v1/tokens")
+    assert_error(answer, 500, "internal", "logged")
+    assert "must stay" not in answer.text and "RuntimeError" not in answer.text
+    monkeypatch.undo()
+    await assert_still_serving(b)
+
+
+# --- min_ttl --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["abc", "", "0x10", "10s", "-5", "-0.5", "nan", "NaN", "inf", "-inf",
+                                   "Infinity", "1e400"])
+async def test_min_ttl_that_is_not_a_usable_number_is_400(b: RunningBroker, value: str) -> None:
+    answer = await raw(b, "GET", f"/v1/tokens/demo?min_ttl={value}")
+    assert_error(answer, 400, "bad_request", "min_ttl")
+    await assert_still_serving(b)
+
+
+@pytest.mark.parametrize("value", ["30", "29.5", "3600", "1e9"])
+async def test_min_ttl_beyond_what_the_profile_can_give_is_400(b: RunningBroker, value: str) -> None:
+    before = b.generation()
+    answer = await raw(b, "GET", f"/v1/tokens/demo?min_ttl={value}")
+    assert_error(answer, 400, "bad_request", "min_ttl", "demo", "at most 29s")
+    assert b.generation() == before, "an impossible min_ttl must not trigger a rotation"
+    await assert_still_serving(b)
+
+
+async def test_min_ttl_within_the_profile_is_served(b: RunningBroker) -> None:
+    status, body, _ = await b.request("GET", "/v1/tokens/demo?min_ttl=5")
+    assert status == 200 and body["ttl"] >= 5
+
+
+@pytest.mark.parametrize(("cert", "profile"), [("stranger", "demo"), ("job", "no-such-profile")])
+@pytest.mark.parametrize("value", ["abc", "-1", "nan", "100000"])
+async def test_min_ttl_error_on_a_forbidden_profile_is_still_403(b: RunningBroker, cert: str, profile: str,
+                                                                value: str) -> None:
+    forbidden = await raw(b, "GET", "/v1/tokens/demo", cert="stranger")
+    answer = await raw(b, "GET", f"/v1/tokens/{profile}?min_ttl={value}", cert=cert)
+    assert_error(answer, 403, "forbidden", FORBIDDEN_NEEDLE)
+    assert answer.text == forbidden.text, "min_ttl validation must not reveal whether the profile exists"
+    await assert_still_serving(b)
+
+
+# --- admin actions --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("action", ["rotate", "revoke"])
+async def test_non_admin_admin_action_is_403(b: RunningBroker, action: str) -> None:
+    before = b.generation()
+    mark = len(b.audit_events())
+    answer = await raw(b, "POST", f"/v1/tokens/demo/{action}", cert="job")
+    assert_error(answer, 403, "forbidden", "admin")
+    assert b.generation() == before
+    denied = [e for e in audit_after(b, mark) if e["event"] == "token_denied"]
+    assert [(e["profile"], e["identity"]) for e in denied] == [("demo", "cn:job")]
+    assert not [e for e in audit_after(b, mark) if e["event"].startswith("admin_")]
+    await assert_still_serving(b)
+
+
+@pytest.mark.parametrize("action", ["rotate", "revoke"])
+async def test_non_admin_admin_action_on_unknown_profile_is_the_same_403(b: RunningBroker, action: str) -> None:
+    known = await raw(b, "POST", f"/v1/tokens/demo/{action}", cert="job")
+    unknown = await raw(b, "POST", f"/v1/tokens/nope/{action}", cert="job")
+    assert_error(unknown, 403, "forbidden", "admin")
+    assert unknown.text == known.text
+    await assert_still_serving(b)
+
+
+@pytest.mark.parametrize("action", ["rotate", "revoke"])
+async def test_admin_action_on_unknown_profile_is_404_json(b: RunningBroker, action: str) -> None:
+    answer = await raw(b, "POST", f"/v1/tokens/nope/{action}", cert="ops")
+    assert_error(answer, 404, "not_found", "nope", "demo")
+    await assert_still_serving(b)
+
+
+# --- hostile names and paths ------------------------------------------------------------------
+
+async def test_very_long_profile_name_is_403_json_never_500(b: RunningBroker) -> None:
+    answer = await raw(b, "GET", "/v1/tokens/" + "a" * 10_000)
+    assert_error(answer, 403, "forbidden", FORBIDDEN_NEEDLE)
+    await assert_still_serving(b)
+
+
+async def test_very_long_profile_name_in_admin_call_is_404_json_and_not_echoed(b: RunningBroker) -> None:
+    answer = await raw(b, "POST", "/v1/tokens/" + "a" * 10_000 + "/rotate", cert="ops")
+    body = assert_error(answer, 404, "not_found")
+    assert len(body["message"]) < 300, "the message must not echo a 10 000-character name"
+    await assert_still_serving(b)
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/tokens/..%2F..%2Fetc",
+    "/v1/tokens/%2e%2e",
+    "/v1/tokens/%2E%2E%2Fwhoami",
+    "/v1/tokens/demo%2Frotate",
+    "/v1/tokens/..%2Fdemo",
+    "/v1/tokens/%00",
+    "/v1/tokens/demo%00",
+])
+async def test_encoded_path_tricks_get_a_json_4xx(b: RunningBroker, path: str) -> None:
+    before = b.generation()
+    answer = await raw(b, "GET", path)
+    assert 400 <= answer.status < 500, answer.text
+    assert answer.content_type == "application/json" and answer.headers.get("Cache-Control") == "no-store"
+    assert answer.json()["error"] in {"forbidden", "not_found", "bad_request"}
+    assert "token" not in answer.json() and b.generation() == before
+    await assert_still_serving(b)
+
+
+# --- client certificates --------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/v1/tokens/demo", "/v1/whoami", "/v1/tokens"])
+async def test_cert_without_client_auth_eku_is_403_json(b: RunningBroker, path: str) -> None:
+    mark = len(b.audit_events())
+    answer = await raw(b, "GET", path, cert="no-eku")
+    assert_error(answer, 403, "forbidden", "extendedKeyUsage", "clientAuth")
+    assert not [e for e in audit_after(b, mark) if e["event"] == "token_served"]
+    await assert_still_serving(b)
+
+
+# TLS refusals. The listener is TLS 1.3 only and verifies the client after the server's
+# Finished, so the client may see the refusal as an SSL alert, a reset, or EOF on its first
+# read; what it must never see is an HTTP answer.
+
+REQUEST = b"GET /v1/tokens/demo HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+
+
+def _tls_client(pki: Pki, *, pem_dir: Path | None = None, name: str | None = None,
+                tls12_only: bool = False) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cafile=pki.ca)
+    if tls12_only:
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    if name is not None:
+        directory = pem_dir or pki.dir
+        ctx.load_cert_chain(directory / f"{name}.pem", directory / f"{name}.key")
+    return ctx
+
+
+@dataclass(frozen=True)
+class Outcome:
+    stage: str  # "handshake" if the TLS handshake itself failed, else "exchange"
+    data: bytes = b""
+    error: BaseException | None = None
+
+
+async def _exchange(port: int, ctx: ssl.SSLContext) -> Outcome:
+    """Handshake, send one request, read to EOF: what came back, or where and how it failed."""
+    try:
+        reader, writer = await asyncio.open_connection("localhost", port, ssl=ctx, server_hostname="localhost")
+    except (ssl.SSLError, ConnectionError) as exc:
+        return Outcome("handshake", error=exc)
+    try:
+        writer.write(REQUEST)
+        await writer.drain()
+        return Outcome("exchange", data=await reader.read())
+    except (ssl.SSLError, ConnectionError) as exc:
+        return Outcome("exchange", error=exc)
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except (ssl.SSLError, ConnectionError):
+            pass
+
+
+async def _refused(b: RunningBroker, ctx: ssl.SSLContext) -> Outcome:
+    outcome = await asyncio.wait_for(_exchange(b.broker.api_port, ctx), timeout=10)
+    assert outcome.data == b"", f"the broker answered a refused client: {outcome.data[:80]!r}"
+    await assert_still_serving(b)
+    return outcome
+
+
+async def test_handshake_without_client_cert_is_refused(b: RunningBroker) -> None:
+    await _refused(b, _tls_client(b.pki))
+
+
+async def test_handshake_with_cert_from_another_ca_is_refused(b: RunningBroker) -> None:
+    await _refused(b, _tls_client(b.pki, pem_dir=b.pki.other_dir, name="job"))
+
+
+async def test_handshake_with_server_auth_only_cert_is_refused(b: RunningBroker) -> None:
+    await _refused(b, _tls_client(b.pki, name="server-only"))
+
+
+async def test_tls12_only_client_is_refused_during_the_handshake(b: RunningBroker) -> None:
+    outcome = await _refused(b, _tls_client(b.pki, name="job", tls12_only=True))
+    assert outcome.stage == "handshake", outcome
+
+
+async def test_valid_client_through_the_same_raw_path_gets_200(b: RunningBroker) -> None:
+    """The refusal tests above are meaningful: the same exchange with a good cert succeeds."""
+    outcome = await asyncio.wait_for(_exchange(b.broker.api_port, _tls_client(b.pki, name="job")), timeout=10)
+    assert outcome.error is None and outcome.data.startswith(b"HTTP/1.1 200"), outcome
+    head, _, body = outcome.data.partition(b"\r\n\r\n")
+    b.seen_secrets.add(json.loads(body)["token"])

@@ -1,0 +1,483 @@
+"""The ``broker`` command line as users run it: real subprocesses (``python -m broker``) against a
+real broker on real mTLS sockets (DESIGN §4).
+
+The broker runs in this module's event loop, so every subprocess goes through asyncio's
+subprocess API (a blocking ``subprocess.run`` would freeze the broker it talks to). Every run
+is bounded by a timeout. Errors must be one line on stderr, no traceback, never a token, with
+exit code 0 ok, 1 runtime failure, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import stat
+import sys
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import hvac
+import pytest
+import pytest_asyncio
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from broker import certs
+from broker.devserver import OpenBaoDevServer, free_port
+from tests.conftest import DEFAULT_PROFILE, BrokerFactory, Pki, RunningBroker, token_is_valid, write_config
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+RUN_TIMEOUT = 30.0
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def b(tmp_path_factory: pytest.TempPathFactory, pki: Pki, openbao: OpenBaoDevServer,
+            log_lines: list[str]) -> AsyncIterator[RunningBroker]:
+    """One broker for the module (the ``brokers`` factory, with its leak scan at teardown)."""
+    factory = BrokerFactory(tmp_path_factory.mktemp("cli"), pki, openbao, log_lines)
+    try:
+        yield await factory.start({"demo": {}, "ops-only": {"allow": ["cn:ops"]}})
+    finally:
+        await factory.close()
+
+
+# --- running the CLI ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+def clean_env(**overrides: str | None) -> dict[str, str]:
+    """This process's environment without anything the CLI reads, plus ``overrides`` (None drops)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("BROKER_", "VAULT_", "BAO_")) and k != "GITHUB_ACTIONS"}
+    for key, value in overrides.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def job_env(b: RunningBroker, cert: str = "job", **overrides: str | None) -> dict[str, str]:
+    pem, key = b.pki.pair(cert)
+    return clean_env(**{"BROKER_URL": b.url, "BROKER_CERT": str(pem), "BROKER_KEY": str(key),
+                        "BROKER_CA": str(b.pki.ca), **overrides})
+
+
+async def broker_cli(*args: str, env: Mapping[str, str] | None = None, cwd: Path | None = None,
+                     timeout: float = RUN_TIMEOUT) -> Run:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "broker", *args, env=dict(env if env is not None else clean_env()), cwd=cwd,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"broker {' '.join(args)} did not finish in {timeout}s") from None
+    assert proc.returncode is not None
+    return Run(proc.returncode, out.decode(), err.decode())
+
+
+def secrets_of(b: RunningBroker) -> set[str]:
+    b.remember_tokens()
+    return set(b.seen_secrets)
+
+
+def assert_one_line_error(run: Run, code: int, *needles: str, secrets: Iterable[str] = ()) -> str:
+    """Exit ``code``, nothing on stdout, exactly one stderr line naming every needle, no secrets."""
+    assert run.code == code, run
+    assert run.out == "", run
+    assert "Traceback" not in run.err, run.err
+    lines = run.err.strip().splitlines()
+    assert len(lines) == 1, run.err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    for secret in secrets:
+        assert secret not in run.err
+    return lines[0]
+
+
+async def get_ok(b: RunningBroker, *args: str, env: Mapping[str, str] | None = None) -> Run:
+    run = await broker_cli("get", *args, env=env if env is not None else job_env(b))
+    assert run.code == 0, run
+    assert "Traceback" not in run.err
+    return run
+
+
+def remember(b: RunningBroker, token: str) -> str:
+    """The token came through a subprocess: let the leak scan know it, and check it is real."""
+    b.seen_secrets.add(token)
+    assert token_is_valid(b.vault, token)
+    return token
+
+
+# --- broker get: formats and outputs --------------------------------------------------------
+
+async def test_get_raw_prints_the_bare_token(b: RunningBroker) -> None:
+    run = await get_ok(b, "demo")
+    assert run.out.endswith("\n") and run.out.count("\n") == 1
+    token = remember(b, run.out.strip())
+    assert run.err == ""
+    state = b.broker.cache.get("demo")
+    assert state is not None and state.current is not None and token == state.current.value
+
+
+async def test_get_json_prints_the_api_body(b: RunningBroker) -> None:
+    run = await get_ok(b, "demo", "--format", "json")
+    body = json.loads(run.out)
+    remember(b, body["token"])
+    assert set(body) == {"profile", "token", "expires_at", "issued_at", "ttl", "generation"}
+    assert body["profile"] == "demo" and body["ttl"] > 0
+
+
+async def test_get_env_prints_an_export_line(b: RunningBroker) -> None:
+    run = await get_ok(b, "demo", "--format", "env", "--env-name", "MY_TOKEN_2")
+    assert run.out.startswith("export MY_TOKEN_2=") and run.out.count("\n") == 1
+    (assignment,) = shlex.split(run.out.removeprefix("export "))
+    name, _, token = assignment.partition("=")
+    assert name == "MY_TOKEN_2"
+    remember(b, token)
+
+
+async def test_get_env_defaults_to_vault_token(b: RunningBroker) -> None:
+    run = await get_ok(b, "demo", "--format", "env")
+    assert run.out.startswith("export VAULT_TOKEN=")
+    remember(b, shlex.split(run.out)[1].partition("=")[2])
+
+
+async def test_get_output_writes_a_0600_file_and_nothing_to_stdout(b: RunningBroker, tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "token.txt"
+    run = await get_ok(b, "demo", "--output", str(target))
+    assert run.out == ""
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    token = remember(b, target.read_text().strip())
+    assert token not in run.err and str(target) in run.err
+    assert [p.name for p in target.parent.iterdir()] == ["token.txt"], "no temp file left behind"
+
+
+async def test_get_output_replaces_a_world_readable_file_with_a_0600_one(b: RunningBroker, tmp_path: Path) -> None:
+    target = tmp_path / "token.env"
+    target.write_text("old\n")
+    target.chmod(0o644)
+    run = await get_ok(b, "demo", "--format", "env", "--output", str(target))
+    assert run.out == ""
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    remember(b, shlex.split(target.read_text())[1].partition("=")[2])
+
+
+async def test_get_under_github_actions_masks_the_token_first(b: RunningBroker) -> None:
+    run = await get_ok(b, "demo", env=job_env(b, GITHUB_ACTIONS="true"))
+    mask, token = run.out.splitlines()
+    assert mask == f"::add-mask::{token}"
+    remember(b, token)
+
+
+async def test_get_under_github_actions_masks_even_with_output(b: RunningBroker, tmp_path: Path) -> None:
+    target = tmp_path / "t"
+    run = await get_ok(b, "demo", "--output", str(target), env=job_env(b, GITHUB_ACTIONS="true"))
+    token = remember(b, target.read_text().strip())
+    assert run.out == f"::add-mask::{token}\n"
+
+
+async def test_get_with_min_ttl(b: RunningBroker) -> None:
+    run = await get_ok(b, "demo", "--min-ttl", "10s", "--format", "json")
+    body = json.loads(run.out)
+    remember(b, body["token"])
+    assert body["ttl"] >= 10
+
+
+# --- broker get: errors -----------------------------------------------------------------------
+
+async def test_get_without_broker_cert_is_a_usage_error(b: RunningBroker) -> None:
+    run = await broker_cli("get", "demo", env=job_env(b, BROKER_CERT=None))
+    assert_one_line_error(run, 2, "BROKER_CERT")
+
+
+async def test_get_with_a_missing_cert_file_is_a_usage_error(b: RunningBroker, tmp_path: Path) -> None:
+    missing = tmp_path / "gone.pem"
+    run = await broker_cli("get", "demo", env=job_env(b, BROKER_CERT=str(missing)))
+    assert_one_line_error(run, 2, "BROKER_CERT", str(missing))
+
+
+async def test_get_with_a_key_that_does_not_match_the_cert_is_a_usage_error(b: RunningBroker) -> None:
+    run = await broker_cli("get", "demo", env=job_env(b, BROKER_KEY=str(b.pki.pair("ops")[1])))
+    assert_one_line_error(run, 2, "does not match")
+
+
+@pytest.mark.parametrize("url", ["http://localhost:8443", "https://localhost:notaport"])
+async def test_get_with_a_bad_broker_url_is_a_usage_error(b: RunningBroker, url: str) -> None:
+    run = await broker_cli("get", "demo", env=job_env(b, BROKER_URL=url))
+    assert_one_line_error(run, 2, "BROKER_URL")
+
+
+async def test_get_with_the_wrong_ca_fails_without_retrying(b: RunningBroker) -> None:
+    run = await broker_cli("get", "demo", env=job_env(b, BROKER_CA=str(b.pki.other_dir / "ca.pem")))
+    assert_one_line_error(run, 1, "BROKER_CA", secrets=secrets_of(b))
+
+
+async def test_get_with_a_client_cert_the_broker_does_not_trust_fails(b: RunningBroker) -> None:
+    other = b.pki.other_dir
+    env = job_env(b, BROKER_CERT=str(other / "job.pem"), BROKER_KEY=str(other / "job.key"))
+    run = await broker_cli("get", "demo", "--retries", "0", env=env)
+    assert_one_line_error(run, 1, b.url, "BROKER_CERT", "BROKER_KEY", secrets=secrets_of(b))
+
+
+@pytest.mark.parametrize(("cert", "profile"), [("stranger", "demo"), ("job", "no-such")])
+async def test_get_forbidden_profile_exits_1_with_the_403_message(b: RunningBroker, cert: str, profile: str) -> None:
+    run = await broker_cli("get", profile, env=job_env(b, cert))
+    assert_one_line_error(run, 1, "403", "forbidden", "may not fetch", secrets=secrets_of(b))
+
+
+async def test_get_with_min_ttl_beyond_the_profile_exits_1_with_the_400_message(b: RunningBroker) -> None:
+    run = await broker_cli("get", "demo", "--min-ttl", "1h", env=job_env(b))
+    assert_one_line_error(run, 1, "400", "min_ttl", secrets=secrets_of(b))
+
+
+async def test_get_when_the_broker_is_down_exits_1(b: RunningBroker) -> None:
+    env = job_env(b, BROKER_URL=f"https://localhost:{free_port()}")
+    run = await broker_cli("get", "demo", "--retries", "1", env=env)
+    assert_one_line_error(run, 1, "cannot reach the broker", "2 attempts")
+
+
+@pytest.mark.parametrize("value", ["ten", "-5s", "1h1h"])
+async def test_get_with_a_bad_min_ttl_is_a_usage_error(b: RunningBroker, value: str) -> None:
+    run = await broker_cli("get", "demo", "--min-ttl", value, env=job_env(b))
+    assert_one_line_error(run, 2, "--min-ttl")
+
+
+@pytest.mark.parametrize("name", ["1ABC", "A-B", "é"])
+async def test_get_with_a_bad_env_name_is_a_usage_error(b: RunningBroker, name: str) -> None:
+    run = await broker_cli("get", "demo", "--format", "env", "--env-name", name, env=job_env(b))
+    assert_one_line_error(run, 2, "--env-name")
+
+
+@pytest.mark.parametrize("args", [["--retries", "-1"], ["--format", "xml"]])
+async def test_get_with_bad_arguments_is_a_one_line_usage_error(b: RunningBroker, args: list[str]) -> None:
+    run = await broker_cli("get", "demo", *args, env=job_env(b))
+    assert_one_line_error(run, 2, "--help")
+
+
+async def test_get_with_an_unwritable_output_exits_1(b: RunningBroker, tmp_path: Path) -> None:
+    run = await broker_cli("get", "demo", "--output", str(tmp_path), env=job_env(b))
+    line = assert_one_line_error(run, 1, "cannot write", str(tmp_path), secrets=secrets_of(b))
+    assert "Errno" not in line
+
+
+# --- admin calls ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("action", ["rotate", "revoke"])
+async def test_admin_action_with_the_ops_cert_prints_json(b: RunningBroker, action: str) -> None:
+    before = b.generation()
+    b.remember_tokens()  # revoke replaces the token the leak scan would otherwise read at teardown
+    run = await broker_cli(action, "demo", env=job_env(b, "ops"))
+    assert run.code == 0, run
+    body = json.loads(run.out)
+    assert body["profile"] == "demo" and body["generation"] == before + 1 == b.generation()
+    assert set(body) == {"profile", "generation", "expires_at"}
+    b.remember_tokens()
+
+
+@pytest.mark.parametrize("action", ["rotate", "revoke"])
+async def test_admin_action_with_a_job_cert_exits_1(b: RunningBroker, action: str) -> None:
+    before = b.generation()
+    run = await broker_cli(action, "demo", env=job_env(b, "job"))
+    assert_one_line_error(run, 1, "403", "admin")
+    assert b.generation() == before
+
+
+async def test_admin_action_on_an_unknown_profile_exits_1_with_404(b: RunningBroker) -> None:
+    run = await broker_cli("rotate", "nope", env=job_env(b, "ops"))
+    assert_one_line_error(run, 1, "404", "nope")
+
+
+# --- broker check -----------------------------------------------------------------------------
+
+def _valid_config(directory: Path, pki: Pki, openbao: OpenBaoDevServer) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    profile = {**DEFAULT_PROFILE, "token_role": "demo", "policies": ["demo"]}
+    return write_config(directory, pki, openbao.address, [{"method": "token", "token_env": "VAULT_TOKEN"}],
+                        {"demo": profile})
+
+
+async def test_check_accepts_a_valid_config(tmp_path: Path, pki: Pki, openbao: OpenBaoDevServer) -> None:
+    config = _valid_config(tmp_path, pki, openbao)
+    run = await broker_cli("check", "--config", str(config))
+    assert run.code == 0, run
+    assert run.err == "" and run.out.strip() == f"{config}: ok"
+
+
+async def test_check_reports_one_line_per_problem(tmp_path: Path, pki: Pki, openbao: OpenBaoDevServer) -> None:
+    config = _valid_config(tmp_path, pki, openbao)
+    text = config.read_text()
+    text = text.replace('grace = "5s"', 'grace = "25s"').replace("[admin]", "[admin]\nbogus = 1")
+    text = text.replace(f'client_ca = "{pki.ca}"', f'client_ca = "{tmp_path}/missing-ca.pem"')
+    config.write_text(text)
+    run = await broker_cli("check", "--config", str(config))
+    assert run.code == 2, run
+    assert run.out == "" and "Traceback" not in run.err
+    lines = run.err.strip().splitlines()
+    assert len(lines) == 3, run.err
+    assert all(line.startswith(f"{config}: ") for line in lines)
+    joined = "\n".join(lines)
+    assert "profiles.demo.grace" in joined and "bogus" in joined and "missing-ca.pem" in joined
+
+
+async def test_check_of_a_missing_file_names_it_once(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    run = await broker_cli("check", "--config", str(missing))
+    line = assert_one_line_error(run, 2, "does not exist")
+    assert line.count(str(missing)) == 1, line
+
+
+async def test_serve_on_a_port_in_use_is_one_line_exit_2(tmp_path: Path, pki: Pki, openbao: OpenBaoDevServer) -> None:
+    config = _valid_config(tmp_path, pki, openbao)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config.write_text(config.read_text().replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"', 1))
+        run = await broker_cli("serve", "--config", str(config), env=clean_env(VAULT_TOKEN="not-a-real-token"))
+    assert run.code == 2, run
+    problems = [line for line in run.err.splitlines() if line.startswith("broker serve: ")]
+    assert len(problems) == 1 and f"cannot listen on 127.0.0.1:{port}" in problems[0], run.err
+    assert "Traceback" not in run.err
+
+
+# --- broker certs -------------------------------------------------------------------------------
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_certs_init_then_client(tmp_path: Path) -> None:
+    d = tmp_path / "pki"
+    run = await broker_cli("certs", "init", "--dir", str(d))
+    assert run.code == 0, run
+    names = {"ca.pem", "ca.key", "server.pem", "server.key"}
+    assert {Path(line).name for line in run.out.split()} == names
+    assert {p.name for p in d.iterdir()} == names
+    assert _mode(d / "ca.key") == _mode(d / "server.key") == 0o600
+
+    run = await broker_cli("certs", "client", "job-1", "--dir", str(d), "--uri", "spiffe://x/y")
+    assert run.code == 0, run
+    assert [Path(line).name for line in run.out.split()] == ["job-1.pem", "job-1.key"]
+    assert _mode(d / "job-1.key") == 0o600
+    cert = x509.load_pem_x509_certificate((d / "job-1.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["spiffe://x/y"]
+    assert ExtendedKeyUsageOID.CLIENT_AUTH in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    ca = x509.load_pem_x509_certificate((d / "ca.pem").read_bytes())
+    cert.verify_directly_issued_by(ca)
+
+
+async def test_certs_init_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
+    d = tmp_path / "pki"
+    assert (await broker_cli("certs", "init", "--dir", str(d))).code == 0
+    ca_before = (d / "ca.pem").read_bytes()
+    run = await broker_cli("certs", "init", "--dir", str(d))
+    assert_one_line_error(run, 2, "already exists", "--force")
+    assert (d / "ca.pem").read_bytes() == ca_before
+    run = await broker_cli("certs", "init", "--dir", str(d), "--force")
+    assert run.code == 0 and (d / "ca.pem").read_bytes() != ca_before
+
+
+@pytest.mark.parametrize("args", [["client", "../evil"], ["client", "x", "--days", "0"]])
+async def test_certs_client_rejects_bad_input_in_one_line(tmp_path: Path, args: list[str]) -> None:
+    d = tmp_path / "pki"
+    certs.init_ca_and_server(d)
+    run = await broker_cli("certs", *args, "--dir", str(d))
+    assert_one_line_error(run, 2)
+    assert {p.name for p in d.iterdir()} == {"ca.pem", "ca.key", "server.pem", "server.key"}
+
+
+# --- the README quick start: broker dev ---------------------------------------------------------
+
+async def _read_until(stream: asyncio.StreamReader, marker: str, timeout: float) -> list[str]:
+    lines: list[str] = []
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise AssertionError(f"no {marker!r} line within {timeout}s; got {lines}")
+        raw = await asyncio.wait_for(stream.readline(), remaining)
+        if not raw:
+            raise AssertionError(f"stdout closed before a {marker!r} line; got {lines}")
+        lines.append(raw.decode().rstrip("\n"))
+        if marker in lines[-1]:
+            return lines
+
+
+def _exports(line: str) -> dict[str, str]:
+    words = shlex.split(line.strip())
+    assert words[0] == "export", line
+    return dict(word.split("=", 1) for word in words[1:])
+
+
+def _refuses(address: str) -> bool:
+    host, _, port = address.rpartition("//")[2].partition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+async def _ops_get(port: int, path: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}{path}") as response:
+            return response.status, await response.json(content_type=None)
+
+
+async def test_readme_quick_start_with_broker_dev(tmp_path: Path) -> None:
+    directory, port, ops_port = tmp_path / "dev", free_port(), free_port()
+    stderr_path = tmp_path / "dev.stderr"
+    with stderr_path.open("wb") as stderr:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "broker", "dev", "--dir", str(directory), "--port", str(port),
+            "--ops-port", str(ops_port), env=clean_env(), cwd=tmp_path, start_new_session=True,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=stderr,
+        )
+    try:
+        assert proc.stdout is not None
+        lines = await _read_until(proc.stdout, "export BROKER_URL=", timeout=40)
+        first = next(line for line in lines if line.strip())
+        match = re.search(r"OpenBao dev server at (http://127\.0\.0\.1:\d+)", first)
+        assert match, first
+        vault_address = match[1]
+        env = _exports(lines[-1])
+        assert env["BROKER_URL"] == f"https://localhost:{port}"
+
+        run = await broker_cli("get", "demo", env=clean_env(**env))
+        assert run.code == 0, (run, stderr_path.read_text())
+        token = run.out.strip()
+        info = hvac.Client(url=vault_address, token=token).auth.token.lookup_self()["data"]
+        assert info["meta"]["profile"] == "demo" and info["orphan"] is True
+
+        status, ready = await _ops_get(ops_port, "/readyz")
+        assert status == 200, ready
+
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 25) == 0, stderr_path.read_text()
+        assert _refuses(vault_address), "the OpenBao child outlived broker dev"
+        assert _refuses(f"https://127.0.0.1:{port}")
+        for leaked_into in (stderr_path, directory / "audit.jsonl", directory / "openbao.log"):
+            assert token not in leaked_into.read_text(), leaked_into
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # its whole group: the OpenBao child too
+            await proc.wait()
