@@ -43,6 +43,8 @@ class ServerConfig:
     max_body_bytes: int = 64 * 1024
     handshake_timeout: float = 10.0
     revoke_on_shutdown: bool = False  # default: running jobs keep their tokens across a restart
+    rate_limit: float = 50.0  # requests per second per client certificate; 0 turns it off
+    rate_limit_burst: float = 100.0
 
 
 @dataclass(frozen=True)
@@ -411,6 +413,17 @@ class _Reader:
             return default
         return value
 
+    def number(self, key: str, default: float, minimum: float) -> float:
+        value = self._raw(key, required=False)
+        if value is _ABSENT:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.report(key, f"expected a number, {_got(value)}")
+            return default
+        if value < minimum:
+            self.report(key, f"{value} is too small; the minimum is {minimum:g}")
+        return float(value)
+
     def integer(self, key: str, default: int, minimum: int) -> int:
         value = self._typed(key, int, required=False)
         if value is _ABSENT:
@@ -622,6 +635,8 @@ def _server(r: _Reader) -> ServerConfig:
     max_body_bytes = r.integer("max_body_bytes", 64 * 1024, minimum=1)
     handshake_timeout = r.duration("handshake_timeout", "10s", positive=True)
     revoke_on_shutdown = r.boolean("revoke_on_shutdown", False)
+    rate_limit = r.number("rate_limit", 50.0, minimum=0.0)
+    rate_limit_burst = r.number("rate_limit_burst", max(1.0, rate_limit * 2), minimum=1.0)
     r.finish()
     return ServerConfig(
         host=host,
@@ -633,6 +648,8 @@ def _server(r: _Reader) -> ServerConfig:
         max_body_bytes=max_body_bytes,
         handshake_timeout=handshake_timeout,
         revoke_on_shutdown=revoke_on_shutdown,
+        rate_limit=rate_limit,
+        rate_limit_burst=rate_limit_burst,
     )
 
 

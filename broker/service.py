@@ -15,7 +15,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from broker import tls
-from broker.api.app import ApiDeps, make_app
+from broker.api.app import ApiDeps, make_app, protocol_factory
+from broker.api.ratelimit import RateLimiter
 from broker.audit import AuditLog
 from broker.clock import Clock, SystemClock
 from broker.config import Config
@@ -35,7 +36,8 @@ SHUTDOWN_TIMEOUT = 10.0  # in-flight requests get this long to finish on SIGTERM
 
 
 class TLSSockSite(web.SockSite):
-    """aiohttp's SockSite, plus a handshake timeout so a stalled handshake frees its slot."""
+    """aiohttp's SockSite, plus a handshake timeout so a stalled handshake frees its slot, and
+    JSON answers to malformed HTTP."""
 
     __slots__ = ("_handshake_timeout",)
 
@@ -46,10 +48,9 @@ class TLSSockSite(web.SockSite):
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
-        server = self._runner.server
-        assert server is not None
+        assert isinstance(self._runner, web.AppRunner)
         self._server = await asyncio.get_running_loop().create_server(
-            server, sock=self._sock, ssl=self._ssl_context, backlog=self._backlog,
+            protocol_factory(self._runner), sock=self._sock, ssl=self._ssl_context, backlog=self._backlog,
             ssl_handshake_timeout=self._handshake_timeout,
         )
 
@@ -94,6 +95,8 @@ class Broker:
         api = web.AppRunner(make_app(ApiDeps(
             profiles=cfg.profiles, admin_allow=cfg.admin.allow, cache=self.cache, rotators=self.rotators,
             audit=self.audit, metrics=self.metrics, clock=self.clock, max_body_bytes=cfg.server.max_body_bytes,
+            rate_limiter=RateLimiter(cfg.server.rate_limit, cfg.server.rate_limit_burst)
+            if cfg.server.rate_limit > 0 else None,
         )), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
         ops = web.AppRunner(make_ops_app(OpsDeps(
             cache=self.cache, metrics=self.metrics, clock=self.clock,

@@ -67,7 +67,8 @@ class ServeProcess:
 
 
 def serve_config(tmp_path: Path, pki: Pki, openbao: OpenBaoDevServer, name: str, profile: dict[str, Any],
-                 vault_address: str | None = None, cert_dir: Path | None = None) -> ServeProcess:
+                 vault_address: str | None = None, cert_dir: Path | None = None,
+                 server_extra: str = "") -> ServeProcess:
     """A config on fixed free ports for `broker serve`, with its own token role and AppRole."""
     role = f"{name}-role"
     setup_token_role(openbao, role, [f"{name}-policy"])
@@ -76,7 +77,8 @@ def serve_config(tmp_path: Path, pki: Pki, openbao: OpenBaoDevServer, name: str,
     settings = {"token_role": role, "policies": [f"{name}-policy"], "allow": ["cn:job"], **profile}
     config = write_config(tmp_path, pki, vault_address or openbao.address,
                           [{"method": "approle", "role_id_file": str(files.role_id_file),
-                            "secret_id_file": str(files.secret_id_file)}], {"demo": settings})
+                            "secret_id_file": str(files.secret_id_file)}], {"demo": settings},
+                          server_extra=server_extra)
     text = config.read_text().replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{api_port}"', 1)
     text = text.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{ops_port}"', 1)
     if cert_dir is not None:

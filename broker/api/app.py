@@ -7,6 +7,7 @@ always gets something a person can act on.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -14,7 +15,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
+from broker.api.ratelimit import RateLimiter
 from broker.audit import AuditLog
 from broker.clock import Clock
 from broker.config import ProfileConfig
@@ -41,6 +45,7 @@ class ApiDeps:
     metrics: Metrics
     clock: Clock
     max_body_bytes: int = 64 * 1024
+    rate_limiter: RateLimiter | None = None
 
 
 DEPS = web.AppKey("deps", ApiDeps)
@@ -116,6 +121,50 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 async def _no_store(request: web.Request, response: web.StreamResponse) -> None:
     response.headers["Cache-Control"] = "no-store"
+
+
+_PROTOCOL_ERRORS = {
+    "LineTooLong": "a header or the request line is too long",
+    "BadStatusLine": "the request line is not valid HTTP/1.x",
+    "BadHttpMethod": "the request method is not valid",
+    "InvalidHeader": "a header is malformed",
+    "InvalidURLError": "the request target is not a valid URL",
+    "TransferEncodingError": "the transfer encoding is malformed",
+    "ContentLengthError": "the Content-Length is malformed",
+}
+
+
+class JsonErrorsRequestHandler(RequestHandler):
+    """aiohttp answers malformed HTTP (oversized headers, bad request line) itself, before any
+    middleware, in plain text, and logs it as an ERROR with a traceback. Give those callers the
+    same JSON error shape and no-store as everyone else, and log one line. The parser's message
+    is never echoed: it quotes the raw bytes the client sent, which may hold a credential."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        reason = _PROTOCOL_ERRORS.get(type(exc).__name__, "the request could not be parsed")
+        if status >= 500:
+            log.error("internal_error while parsing a request", exc_info=exc)
+            text = "internal error; the broker logged the details"
+        else:
+            log.info("http_rejected status=%d reason=%s", status, reason)
+            text = f"malformed HTTP request: {reason}"
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send the error")
+        response = error_response(status, text, headers={"Cache-Control": "no-store"})
+        response.force_close()
+        return response
+
+
+def protocol_factory(runner: web.AppRunner) -> Callable[[], RequestHandler]:
+    """What ``loop.create_server`` needs: aiohttp's handler for ``runner``, with JSON errors."""
+    server = runner.server
+    assert server is not None, "runner.setup() first"
+    loop = asyncio.get_running_loop()
+    kwargs = server._kwargs  # noqa: SLF001 - the handler_args the app was set up with
+    return lambda: JsonErrorsRequestHandler(server, loop=loop, **kwargs)
 
 
 def make_app(deps: ApiDeps) -> web.Application:

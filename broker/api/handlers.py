@@ -31,6 +31,7 @@ class Caller:
 
 
 def caller_of(request: web.Request) -> Caller:
+    """Who is calling (from the verified client certificate), once they are within their rate."""
     der = peer_der(request.transport)
     if der is None:
         raise ApiError(403, "a client certificate is required")
@@ -38,7 +39,16 @@ def caller_of(request: web.Request) -> Caller:
         require_client_auth_eku(der)
     except CertError as exc:
         raise ApiError(403, str(exc)) from None
-    return Caller(identities_from_der(der), hashlib.sha256(der).hexdigest())
+    caller = Caller(identities_from_der(der), hashlib.sha256(der).hexdigest())
+    deps = request.app[DEPS]
+    if deps.rate_limiter is not None:
+        wait = deps.rate_limiter.check(caller.fingerprint, deps.clock.monotonic())
+        if wait > 0:
+            deps.metrics.token_requests.labels("_any", "rate_limited").inc()
+            seconds = max(1, math.ceil(wait))
+            raise ApiError(429, f"too many requests from this client certificate; retry in {seconds}s",
+                           headers={"Retry-After": str(seconds)})
+    return caller
 
 
 FORBIDDEN = "this client certificate may not fetch that profile (unknown profiles look the same)"
