@@ -62,3 +62,16 @@ class VaultRequestRejected(VaultError):
 
 class AuditUnavailable(BrokerError):
     """The audit log cannot be written."""
+
+
+class RefreshRejected(BrokerError):
+    """A refresh token was refused. ``code`` is the API error code (refresh_token_invalid or
+    refresh_token_reused); the message never contains the token."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class FamilyNotFound(BrokerError):
+    """No live family with that id belongs to the caller's certificate."""

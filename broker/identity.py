@@ -13,6 +13,7 @@ glob, so ``cn:*`` never matches a ``uri:`` identity. Note that ``*`` also matche
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -22,6 +23,18 @@ from cryptography.x509.oid import NameOID
 from broker.errors import CertError
 
 KINDS = ("cn", "uri", "dns")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """A verified client: its identities and the SHA-256 (hex) of its certificate."""
+
+    identities: tuple[str, ...]
+    fingerprint: str
+
+    @property
+    def primary(self) -> str:
+        return self.identities[0] if self.identities else "unknown"
 # getpeercert() spells SAN types like OpenSSL's X509V3_EXT_print; we keep URI and DNS only.
 _PEERCERT_SAN_KINDS = {"URI": "uri", "DNS": "dns"}
 

@@ -23,6 +23,7 @@ from broker.config import Config
 from broker.errors import BrokerError, CertError, ConfigError
 from broker.metrics import Metrics
 from broker.ops.server import OpsDeps, make_ops_app
+from broker.tokens.families import FamilyManager
 from broker.tokens.model import TokenCache
 from broker.tokens.revocations import RevocationQueue
 from broker.tokens.rotator import Rotator
@@ -77,6 +78,7 @@ class Broker:
     cache: TokenCache
     revocations: RevocationQueue
     rotators: dict[str, Rotator]
+    families: FamilyManager | None
     tls_context: tls.ReloadableServerContext
     api_port: int = 0
     ops_port: int = 0
@@ -96,7 +98,7 @@ class Broker:
             profiles=cfg.profiles, admin_allow=cfg.admin.allow, cache=self.cache, rotators=self.rotators,
             audit=self.audit, metrics=self.metrics, clock=self.clock, max_body_bytes=cfg.server.max_body_bytes,
             rate_limiter=RateLimiter(cfg.server.rate_limit, cfg.server.rate_limit_burst)
-            if cfg.server.rate_limit > 0 else None,
+            if cfg.server.rate_limit > 0 else None, families=self.families,
         )), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
         ops = web.AppRunner(make_ops_app(OpsDeps(
             cache=self.cache, metrics=self.metrics, clock=self.clock,
@@ -128,6 +130,11 @@ class Broker:
                 await rotator.revoke_everything("shutdown")
             except BrokerError as exc:
                 log.error("shutdown_revoke_failed profile=%s error=%s", rotator.name, exc)
+        if self.families is not None:
+            try:
+                await self.families.end_all("shutdown")
+            except BrokerError as exc:
+                log.error("shutdown_revoke_failed families error=%s", exc)
 
     async def run(self, stop: asyncio.Event, on_started: Callable[[Broker], None] | None = None) -> None:
         self.audit.open()
@@ -135,11 +142,15 @@ class Broker:
         self.revocations.load()
         for rotator in self.rotators.values():
             rotator.restore()
+        if self.families is not None:
+            self.families.load()
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = [group.create_task(self.auth.run(), name="auth"),
                          group.create_task(self.revocations.run(), name="revocations")]
                 tasks += [group.create_task(r.run(), name=f"rotator:{r.name}") for r in self.rotators.values()]
+                if self.families is not None:
+                    tasks.append(group.create_task(self.families.run(), name="families"))
                 await self._start_listeners()
                 if on_started:
                     on_started(self)
@@ -158,10 +169,6 @@ class Broker:
 
 def build(config: Config, clock: Clock | None = None, registry: CollectorRegistry | None = None,
           rng: random.Random | None = None) -> Broker:
-    per_job = [p.name for p in config.profiles.values() if p.mode != "shared"]
-    if per_job:
-        raise ConfigError([f"profiles.{n}.mode: per-job profiles are not available in this version yet"
-                           for n in per_job])
     clock = clock or SystemClock()
     rng = rng or random.Random()
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
@@ -177,10 +184,12 @@ def build(config: Config, clock: Clock | None = None, registry: CollectorRegistr
     revocations = RevocationQueue(store, vault, auth, clock, audit, metrics, rng)
     rotators = {
         name: Rotator(profile, vault, auth, cache, revocations, store, clock, audit, metrics, rng)
-        for name, profile in config.profiles.items()
+        for name, profile in config.profiles.items() if profile.mode == "shared"
     }
+    per_job = any(p.mode == "per-job" for p in config.profiles.values())
+    families = FamilyManager(config.profiles, vault, auth, revocations, store, clock, audit, metrics) if per_job else None
     return Broker(config=config, clock=clock, metrics=metrics, audit=audit, store=store, vault=vault, auth=auth,
-                  cache=cache, revocations=revocations, rotators=rotators,
+                  cache=cache, revocations=revocations, rotators=rotators, families=families,
                   tls_context=tls.ReloadableServerContext(config.server))
 
 

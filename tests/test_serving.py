@@ -108,7 +108,8 @@ async def test_list_and_whoami(brokers: BrokerFactory) -> None:
     assert status == 200
     assert [p["name"] for p in body["profiles"]] == ["demo"]
     entry = body["profiles"][0]
-    assert set(entry) == {"name", "generation", "expires_at", "rotates_at", "healthy"}
+    assert set(entry) == {"name", "mode", "generation", "expires_at", "rotates_at", "healthy"}
+    assert entry["mode"] == "shared"
     assert entry["healthy"] is True and entry["generation"] == 1
     assert "token" not in str(body).lower().replace("tokens", "")
     status, body, _ = await b.request("GET", "/v1/whoami")

@@ -23,6 +23,7 @@ from broker.audit import AuditLog
 from broker.clock import Clock
 from broker.config import ProfileConfig
 from broker.metrics import Metrics
+from broker.tokens.families import FamilyManager
 from broker.tokens.model import TokenCache
 from broker.tokens.rotator import Rotator
 
@@ -46,6 +47,7 @@ class ApiDeps:
     clock: Clock
     max_body_bytes: int = 64 * 1024
     rate_limiter: RateLimiter | None = None
+    families: FamilyManager | None = None
 
 
 DEPS = web.AppKey("deps", ApiDeps)

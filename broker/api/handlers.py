@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
-from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -12,22 +12,13 @@ from broker.api.app import DEPS, ApiDeps, ApiError
 from broker.api.authz import is_admin, matching_identity
 from broker.audit import rfc3339
 from broker.config import ProfileConfig
-from broker.errors import AuditUnavailable, CertError, VaultError
-from broker.identity import identities_from_der
+from broker.errors import AuditUnavailable, CertError, FamilyNotFound, RefreshRejected, VaultError
+from broker.identity import Caller, identities_from_der
 from broker.tls import peer_der, require_client_auth_eku
 from broker.tokens import policy
+from broker.tokens.families import MAX_REFRESH_TOKEN_LENGTH, FamilyManager, Issued
 from broker.tokens.model import Token
 from broker.tokens.rotator import Rotator
-
-
-@dataclass(frozen=True)
-class Caller:
-    identities: tuple[str, ...]
-    fingerprint: str  # SHA-256 of the client certificate (DER), hex
-
-    @property
-    def primary(self) -> str:
-        return self.identities[0] if self.identities else "unknown"
 
 
 def caller_of(request: web.Request) -> Caller:
@@ -147,10 +138,12 @@ async def list_tokens(request: web.Request) -> web.Response:
         current = state.current if state else None
         listed.append({
             "name": profile.name,
+            "mode": profile.mode,  # per-job profiles have no shared token: generation 0, no times
             "generation": current.generation if current else 0,
             "expires_at": rfc3339(current.expires_at) if current else None,
             "rotates_at": rfc3339(current.rotate_at) if current else None,
-            "healthy": bool(state and not state.unhealthy and policy.is_servable(now, current)),
+            "healthy": profile.mode == "per-job" or bool(
+                state and not state.unhealthy and policy.is_servable(now, current)),
         })
     return web.json_response({"profiles": listed})
 
@@ -208,11 +201,86 @@ async def admin_revoke(request: web.Request) -> web.Response:
     return web.json_response(_admin_body(rotator))
 
 
+# --- per-job token families --------------------------------------------------------------------
+
+def _families(deps: ApiDeps) -> FamilyManager:
+    if deps.families is None:  # only when no profile is per-job: then no route can reach one
+        raise ApiError(400, "this broker has no per-job profiles")
+    return deps.families
+
+
+def _issued_body(issued: Issued) -> dict[str, object]:
+    family, token = issued.family, issued.token
+    return {
+        "profile": family.profile, "token": token.value, "expires_at": rfc3339(token.expires_at),
+        "refresh_token": issued.refresh_token, "refresh_expires_at": rfc3339(family.expires_at),
+        "family": family.id, "generation": family.generation,
+    }
+
+
+def _family_unavailable(exc: VaultError) -> ApiError:
+    return ApiError(503, f"cannot mint a token right now ({exc.detail}); retry later", headers={"Retry-After": "2"})
+
+
+async def create_family(request: web.Request) -> web.Response:
+    deps = request.app[DEPS]
+    caller = caller_of(request)
+    profile, identity = _profile_for(deps, caller, request.match_info["profile"])
+    if profile.mode != "per-job":
+        raise ApiError(400, f"profile {profile.name} is shared; fetch its token with GET /v1/tokens/{profile.name}")
+    try:
+        issued = await _families(deps).create(profile.name, caller, identity)
+    except VaultError as exc:
+        raise _family_unavailable(exc) from None
+    return web.json_response(_issued_body(issued))
+
+
+async def _refresh_token_from(request: web.Request) -> str:
+    if request.content_type != "application/json":
+        raise ApiError(415, 'send the refresh token as JSON: Content-Type: application/json, {"refresh_token": "..."}')
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, 'the body is not valid JSON; send {"refresh_token": "..."}') from None
+    token = body.get("refresh_token") if isinstance(body, dict) else None
+    if not isinstance(token, str) or not token:
+        raise ApiError(400, 'the body must be a JSON object with a string "refresh_token"')
+    if len(token) > MAX_REFRESH_TOKEN_LENGTH:
+        raise ApiError(401, "unknown refresh token, or its family has ended", code="refresh_token_invalid")
+    return token
+
+
+async def refresh(request: web.Request) -> web.Response:
+    deps = request.app[DEPS]
+    caller = caller_of(request)
+    refresh_token = await _refresh_token_from(request)
+    try:
+        issued = await _families(deps).refresh(refresh_token, caller)
+    except RefreshRejected as exc:
+        raise ApiError(401, str(exc), code=exc.code) from None
+    except VaultError as exc:
+        raise _family_unavailable(exc) from None
+    return web.json_response(_issued_body(issued))
+
+
+async def release_family(request: web.Request) -> web.Response:
+    deps = request.app[DEPS]
+    caller = caller_of(request)
+    try:
+        family = await _families(deps).release(request.match_info["family"], caller)
+    except FamilyNotFound as exc:
+        raise ApiError(404, str(exc)) from None
+    return web.json_response({"family": family.id, "profile": family.profile, "revoked": True})
+
+
 def add_routes(app: web.Application) -> None:
     # No implicit HEAD: a HEAD fetch would mint (min_ttl) and audit token_served for a token
     # that is never delivered.
     app.router.add_get("/v1/tokens", list_tokens, allow_head=False)
     app.router.add_get("/v1/whoami", whoami, allow_head=False)
     app.router.add_get("/v1/tokens/{profile}", get_token, allow_head=False)
+    app.router.add_post("/v1/tokens/{profile}", create_family)
     app.router.add_post("/v1/tokens/{profile}/rotate", admin_rotate)
     app.router.add_post("/v1/tokens/{profile}/revoke", admin_revoke)
+    app.router.add_post("/v1/refresh", refresh)
+    app.router.add_delete("/v1/families/{family}", release_family)

@@ -100,6 +100,12 @@ class RevocationQueue:
             await self.revoke(entry, reason)
             self._done(entry)
 
+    async def revoke_family_now(self, family: str, reason: str) -> None:
+        """A family ended (released, reused, expired): its tokens in grace go too."""
+        for entry in [e for e in self._pending if e.family == family]:
+            await self.revoke(entry, reason)
+            self._done(entry)
+
     def _next_delay(self) -> float:
         now = self._clock.now()
         if not self._pending:

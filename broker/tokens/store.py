@@ -52,6 +52,7 @@ class PendingRevocation:
     generation: int
     token_fp: str
     revoke_at: float
+    family: str | None = None  # set for a per-job family's tokens
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class StateStore:
         self.directory = directory
         self._revocations = directory / "revocations.json"
         self._profiles = directory / "profiles.json"
+        self._families = directory / "families.json"
 
     def prepare(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -87,3 +89,9 @@ class StateStore:
         issued = self.load_issued()
         issued[profile] = record
         write_atomic(self._profiles, json.dumps({k: asdict(v) for k, v in issued.items()}, indent=1).encode())
+
+    def load_families(self) -> list[dict[str, Any]]:
+        return list(read_json(self._families) or [])
+
+    def save_families(self, families: list[dict[str, Any]]) -> None:
+        write_atomic(self._families, json.dumps(families, indent=1).encode())

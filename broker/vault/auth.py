@@ -65,17 +65,86 @@ class TokenAuth:
 
 
 class AppRoleAuth:
+    """AppRole login; with ``rotate_every`` it also replaces its own secret_id (see ``replace_secret_id``)."""
+
     name = "approle"
 
-    def __init__(self, mount: str, role_id_file: Path, secret_id_file: Path) -> None:
+    def __init__(self, mount: str, role_id_file: Path, secret_id_file: Path,
+                 rotate_every: float | None = None) -> None:
         self._mount = mount or "approle"
         self._role_id_file = role_id_file
         self._secret_id_file = secret_id_file
+        self.rotate_every = rotate_every
+        # Vault has no secret_id → role lookup; our own login's metadata is the one place that
+        # names the role, so rotation waits for a first login with this method.
+        self._role_name: str | None = None
+        # Accessors of secret_ids we replaced but could not destroy yet (Vault was away).
+        self._to_destroy: list[str] = []
 
     async def login(self, vault: VaultClient) -> Login:
         role_id = _read_secret(self._role_id_file, "role_id")
         secret_id = _read_secret(self._secret_id_file, "secret_id")
-        return await vault.login_approle(self._mount, role_id, secret_id)
+        login = await vault.login_approle(self._mount, role_id, secret_id)
+        self._role_name = login.meta.get("role_name") or self._role_name
+        return login
+
+    def secret_id_due_at(self) -> float | None:
+        """When the secret_id on disk should be replaced (epoch seconds); None: not configured,
+        or the role is not known yet.
+
+        Counted from the file's mtime, so restarts neither postpone rotation forever nor
+        rotate at every start.
+        """
+        if self.rotate_every is None or self._role_name is None:
+            return None
+        try:
+            written = self._secret_id_file.stat().st_mtime
+        except OSError:
+            written = 0.0  # unreadable: the next step reports why
+        return written + self.rotate_every
+
+    @property
+    def destroys_pending(self) -> bool:
+        return bool(self._to_destroy)
+
+    async def replace_secret_id(self, vault: VaultClient) -> tuple[Login, str]:
+        """Put a new, proven secret_id in the file; returns the login made with it and its accessor.
+
+        Order: create new → look up the old one's accessor → log in with the new one → write the
+        file atomically → (``destroy_replaced``) destroy the old one. The file only ever holds a
+        secret_id that has logged in, so a crash between any two steps leaves a working file;
+        the worst a crash leaves behind is one unused secret_id at Vault that no one holds.
+        ``vault`` must carry the broker's token, with the secret-id policy paths.
+        """
+        role = self._role_name
+        if role is None:
+            raise AuthRejected("rotate_secret_id", "no login with this AppRole yet, so its role name is unknown")
+        role_id = _read_secret(self._role_id_file, "role_id")
+        old = _read_secret(self._secret_id_file, "secret_id")
+        new = await vault.create_secret_id(self._mount, role)
+        try:
+            old_accessor = await vault.secret_id_accessor(self._mount, role, old)
+            login = await vault.login_approle(self._mount, role_id, new.secret_id)
+            write_atomic(self._secret_id_file, (new.secret_id + "\n").encode(), mode=0o600)
+        except (VaultError, OSError):
+            # The file still holds the old secret_id, which still works; the new one must not linger.
+            self._to_destroy.append(new.accessor)
+            raise
+        if old_accessor is not None:
+            self._to_destroy.append(old_accessor)
+        return login, new.accessor
+
+    async def destroy_replaced(self, vault: VaultClient) -> None:
+        """Destroy every replaced secret_id; stops at the first Vault error, keeping the rest."""
+        role = self._role_name
+        while self._to_destroy and role is not None:
+            accessor = self._to_destroy[0]
+            try:
+                await vault.destroy_secret_id_accessor(self._mount, role, accessor)
+            except TokenInvalid:
+                pass  # already gone: an operator, or a destroy whose answer we never saw
+            self._to_destroy.pop(0)
+            log.info("secret_id_destroyed method=approle accessor_fp=%s", fingerprint(accessor))
 
 
 class CertAuth:
@@ -96,7 +165,7 @@ def method_from_config(cfg: AuthConfig) -> AuthMethod:
         return TokenAuth(cfg.token_file, cfg.token_env)
     if cfg.method == "approle":
         assert cfg.role_id_file is not None and cfg.secret_id_file is not None
-        return AppRoleAuth(cfg.mount, cfg.role_id_file, cfg.secret_id_file)
+        return AppRoleAuth(cfg.mount, cfg.role_id_file, cfg.secret_id_file, cfg.rotate_secret_id)
     if cfg.method == "cert":
         assert cfg.cert_file is not None and cfg.key_file is not None
         return CertAuth(cfg.mount, cfg.cert_file, cfg.key_file, cfg.cert_role)

@@ -43,6 +43,16 @@ class Login:
     accessor: str = field(repr=False)
     ttl: float
     renewable: bool
+    # The auth method's metadata (AppRole: role_name, which no other call tells us).
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NewSecretId:
+    """A freshly generated AppRole secret_id; both values are credentials, so never shown."""
+
+    secret_id: str = field(repr=False)
+    accessor: str = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,9 @@ def classify(operation: str, exc: BaseException) -> VaultError:
     if isinstance(exc, (hx.VaultDown, hx.InternalServerError, hx.BadGateway, hx.RateLimitExceeded)):
         return VaultUnavailable(operation, _message(exc))
     msg = _message(exc)
+    # OpenBao answers 500 for an accessor it does not know; that is "already gone", not an outage.
+    if operation == "destroy_secret_id" and "failed to find accessor entry" in msg:
+        return TokenInvalid(operation, "secret_id accessor is not known to Vault")
     is_login = operation.startswith("login")
     if is_login and isinstance(exc, (hx.InvalidRequest, hx.Forbidden, hx.Unauthorized, hx.InvalidPath)):
         return AuthRejected(operation, msg)
@@ -195,7 +208,8 @@ class VaultClient:
 
         data = (await self._call("login_token", call))["data"]
         return Login(token=token, accessor=str(data.get("accessor", "")),
-                     ttl=float(data.get("ttl") or 0), renewable=bool(data.get("renewable")))
+                     ttl=float(data.get("ttl") or 0), renewable=bool(data.get("renewable")),
+                     meta=dict(data.get("meta") or {}))
 
     async def renew_self(self) -> float:
         """Renew the broker's own token; returns the new TTL in seconds."""
@@ -206,7 +220,37 @@ class VaultClient:
     def _login(response: dict[str, Any]) -> Login:
         auth = response["auth"]
         return Login(token=auth["client_token"], accessor=auth.get("accessor", ""),
-                     ttl=float(auth.get("lease_duration") or 0), renewable=bool(auth.get("renewable")))
+                     ttl=float(auth.get("lease_duration") or 0), renewable=bool(auth.get("renewable")),
+                     meta=dict(auth.get("metadata") or {}))
+
+    # --- rotating the broker's own AppRole secret_id ----------------------------------
+
+    async def create_secret_id(self, mount: str, role: str) -> NewSecretId:
+        def call() -> dict[str, Any]:
+            return self._hvac.auth.approle.generate_secret_id(role, mount_point=mount)
+
+        data = (await self._call("create_secret_id", call))["data"]
+        return NewSecretId(secret_id=data["secret_id"], accessor=data["secret_id_accessor"])
+
+    async def secret_id_accessor(self, mount: str, role: str, secret_id: str) -> str | None:
+        """The accessor of ``secret_id``, or None when Vault does not know it (any more)."""
+
+        def call() -> Any:
+            return self._hvac.auth.approle.read_secret_id(role, secret_id, mount_point=mount)
+
+        response = await self._call("lookup_secret_id", call)
+        # An unknown secret_id is an empty 204, which hvac hands back as a bare Response.
+        if not isinstance(response, dict) or not response.get("data"):
+            return None
+        return str(response["data"]["secret_id_accessor"])
+
+    async def destroy_secret_id_accessor(self, mount: str, role: str, accessor: str) -> None:
+        """Raises TokenInvalid when the secret_id is already gone."""
+
+        def call() -> Any:
+            return self._hvac.auth.approle.destroy_secret_id_accessor(role, accessor, mount_point=mount)
+
+        await self._call("destroy_secret_id", call)
 
     # --- tokens the broker hands out -----------------------------------------------
 

@@ -1,0 +1,347 @@
+"""Per-job token families: refresh-token rotation with reuse detection (RFC 9700 §4.14).
+
+A job starts a family and gets a Vault token plus a one-time refresh token bound to its
+client certificate. Each refresh spends the refresh token and returns a new pair; the old
+Vault token is revoked after the profile's grace. Presenting a spent refresh token again is
+reuse — someone else has a copy — and ends the whole family at once. The one exception is a
+retry: the immediately previous refresh token, from the same certificate, within
+``reuse_interval``, gets the pair already issued (its answer was probably lost in transit).
+
+Refresh tokens are ``<family id>.<256 random bits>``; only their SHA-256 is kept, and every
+comparison of hashes or certificate fingerprints is constant-time. State (hashes, accessors,
+times; never a token value) is persisted on every change, so a restart neither forgets a
+family nor lets a spent refresh token work again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import hashlib
+import hmac
+import logging
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from broker.audit import AuditLog
+from broker.clock import Clock, sleep_or_wake
+from broker.config import ProfileConfig
+from broker.errors import AuditUnavailable, FamilyNotFound, RefreshRejected, VaultError, VaultUnavailable
+from broker.identity import Caller, matches
+from broker.metrics import Metrics
+from broker.tokens.model import Token
+from broker.tokens.revocations import RevocationQueue
+from broker.tokens.store import PendingRevocation, StateStore
+from broker.vault.auth import Authenticator
+from broker.vault.client import VaultClient
+
+log = logging.getLogger("broker.families")
+
+MAX_REFRESH_TOKEN_LENGTH = 256
+
+
+def new_family_id() -> str:
+    return "fam_" + secrets.token_urlsafe(12)
+
+
+def new_refresh_token(family: str) -> str:
+    return f"{family}.{secrets.token_urlsafe(32)}"
+
+
+def family_of(refresh_token: str) -> str:
+    return refresh_token.partition(".")[0]
+
+
+def refresh_hash(refresh_token: str) -> str:
+    return hashlib.sha256(refresh_token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class LiveToken:
+    """The family's current Vault token, as far as revoking it needs to know."""
+
+    accessor: str = field(repr=False)
+    generation: int
+    token_fp: str
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class Family:
+    id: str
+    profile: str
+    owner_fp: str  # SHA-256 of the client certificate that started the family
+    owner_identity: str
+    created_at: float
+    expires_at: float  # refresh_expires_at: the family ends here whatever happens
+    generation: int
+    current: LiveToken
+    current_hash: str = field(repr=False)
+    previous_hash: str | None = field(default=None, repr=False)
+    previous_spent_at: float | None = None
+    spent_hashes: tuple[str, ...] = field(default=(), repr=False)  # older than previous
+
+    def to_json(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> Family:
+        fields = dict(data)
+        fields["current"] = LiveToken(**fields["current"])  # type: ignore[arg-type]
+        fields["spent_hashes"] = tuple(fields.get("spent_hashes") or ())  # type: ignore[arg-type]
+        return cls(**fields)  # type: ignore[arg-type]
+
+
+class Verdict(enum.Enum):
+    REFRESH = "refresh"  # the current refresh token from its owner
+    RETRY = "retry"  # the previous one, from its owner, within reuse_interval
+    REUSE = "reuse"  # a spent one, or a live one from another certificate
+    INVALID = "invalid"  # not a refresh token of this family
+
+
+def judge(family: Family, presented_hash: str, caller_fp: str, now: float, reuse_interval: float) -> Verdict:
+    """What presenting this refresh token means (pure; constant-time comparisons)."""
+    same_cert = hmac.compare_digest(caller_fp, family.owner_fp)
+    if hmac.compare_digest(presented_hash, family.current_hash):
+        return Verdict.REFRESH if same_cert else Verdict.REUSE
+    if family.previous_hash is not None and hmac.compare_digest(presented_hash, family.previous_hash):
+        in_window = family.previous_spent_at is not None and now - family.previous_spent_at <= reuse_interval
+        return Verdict.RETRY if same_cert and in_window else Verdict.REUSE
+    spent = [hmac.compare_digest(presented_hash, h) for h in family.spent_hashes]
+    return Verdict.REUSE if any(spent) else Verdict.INVALID
+
+
+@dataclass(frozen=True)
+class Issued:
+    """What a job receives: the Vault token and the next refresh token (both secret)."""
+
+    family: Family
+    token: Token
+    refresh_token: str = field(repr=False)
+
+
+REUSED = ("this refresh token was already used, so the whole token family has been revoked; "
+          "start a new family with POST /v1/tokens/{profile}")
+
+
+class FamilyManager:
+    def __init__(
+        self,
+        profiles: Mapping[str, ProfileConfig],
+        vault: VaultClient,
+        auth: Authenticator,
+        revocations: RevocationQueue,
+        store: StateStore,
+        clock: Clock,
+        audit: AuditLog,
+        metrics: Metrics,
+    ) -> None:
+        self._profiles = {n: p for n, p in profiles.items() if p.mode == "per-job"}
+        self._vault = vault
+        self._auth = auth
+        self._revocations = revocations
+        self._store = store
+        self._clock = clock
+        self._audit = audit
+        self._metrics = metrics
+        self._families: dict[str, Family] = {}
+        # The last pair handed out per family, in memory only, to answer a retried refresh.
+        self._last_issued: dict[str, Issued] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._wake = asyncio.Event()
+
+    def load(self) -> None:
+        self._families = {f.id: f for f in map(Family.from_json, self._store.load_families())}
+
+    @property
+    def families(self) -> tuple[Family, ...]:
+        return tuple(self._families.values())
+
+    def _persist(self) -> None:
+        self._store.save_families([f.to_json() for f in self._families.values()])
+
+    def _record(self, event: str, **fields: object) -> None:
+        """Audit a family event; refusing here would leave Vault and our state out of step."""
+        try:
+            self._audit.event(event, **fields)  # type: ignore[arg-type]
+        except AuditUnavailable:
+            pass
+
+    def _lock(self, family: str) -> asyncio.Lock:
+        return self._locks.setdefault(family, asyncio.Lock())
+
+    # --- minting -------------------------------------------------------------------------
+
+    async def _mint(self, profile: ProfileConfig, family: str, generation: int, identity: str,
+                    family_expires_at: float) -> Token:
+        """A verified Vault token for one generation; never outlives its family."""
+        now = self._clock.now()
+        ttl = min(profile.ttl, family_expires_at - now)
+        if ttl < 1:
+            raise RefreshRejected("refresh_token_invalid", "the token family has reached its maximum age")
+        meta = {"profile": profile.name, "family": family, "generation": str(generation),
+                "identity": identity[:256], "issued_by": "token-broker"}
+        minted = await self._auth.call(lambda: self._vault.create_token(profile.token_role, profile.policies, ttl, meta))
+        token = Token(value=minted.token, accessor=minted.accessor, generation=generation, issued_at=now,
+                      expires_at=now + minted.ttl, rotate_at=now + minted.ttl)
+        try:
+            await self._auth.call(lambda: self._vault.lookup_token(minted.token))
+        except VaultError:
+            await self._revoke_now(LiveToken(token.accessor, generation, token.fp, token.expires_at),
+                                   profile.name, family, "rolled_back")
+            raise
+        return token
+
+    async def _revoke_now(self, live: LiveToken, profile: str, family: str, reason: str) -> None:
+        entry = PendingRevocation(accessor=live.accessor, profile=profile, generation=live.generation,
+                                  token_fp=live.token_fp, revoke_at=self._clock.now(), family=family)
+        try:
+            await self._revocations.revoke(entry, reason)
+        except VaultError:
+            self._revocations.schedule(entry)  # the queue retries until Vault confirms
+
+    # --- the three operations --------------------------------------------------------------
+
+    async def create(self, profile_name: str, caller: Caller, identity: str) -> Issued:
+        profile = self._profiles[profile_name]
+        family_id = new_family_id()
+        now = self._clock.now()
+        expires_at = now + profile.family_max_age
+        token = await self._mint(profile, family_id, 1, identity, expires_at)
+        refresh_token = new_refresh_token(family_id)
+        family = Family(
+            id=family_id, profile=profile.name, owner_fp=caller.fingerprint, owner_identity=identity,
+            created_at=now, expires_at=expires_at, generation=1,
+            current=LiveToken(token.accessor, 1, token.fp, token.expires_at), current_hash=refresh_hash(refresh_token),
+        )
+        self._families[family_id] = family
+        self._persist()
+        self._wake.set()
+        issued = Issued(family, token, refresh_token)
+        self._last_issued[family_id] = issued
+        self._metrics.token_requests.labels(profile.name, "family_created").inc()
+        log.info("family_created profile=%s family=%s identity=%s token_fp=%s", profile.name, family_id, identity,
+                 token.fp)
+        self._record("family_created", profile=profile.name, identity=identity, generation=1, token_fp=token.fp,
+                     family=family_id)
+        return issued
+
+    async def refresh(self, refresh_token: str, caller: Caller) -> Issued:
+        family_id = family_of(refresh_token)
+        async with self._lock(family_id):
+            family = self._families.get(family_id)
+            if family is None:
+                raise RefreshRejected("refresh_token_invalid", "unknown refresh token, or its family has ended")
+            now = self._clock.now()
+            if now >= family.expires_at:
+                await self._end(family, "expired")
+                raise RefreshRejected("refresh_token_invalid", "the token family has reached its maximum age")
+            profile = self._profiles[family.profile]
+            verdict = judge(family, refresh_hash(refresh_token), caller.fingerprint, now, profile.reuse_interval)
+            if verdict is Verdict.INVALID:
+                self._metrics.token_requests.labels(profile.name, "refresh_invalid").inc()
+                raise RefreshRejected("refresh_token_invalid", "unknown refresh token, or its family has ended")
+            if verdict is Verdict.REUSE:
+                await self._reuse_detected(family, caller)
+                raise RefreshRejected("refresh_token_reused", REUSED.format(profile=profile.name))
+            if not matches(caller.identities, profile.allow):
+                raise RefreshRejected("refresh_token_invalid",
+                                      "this client certificate is no longer allowed for the family's profile")
+            last = self._last_issued.get(family_id)
+            if verdict is Verdict.RETRY and last is not None and last.family.generation == family.generation:
+                self._metrics.token_requests.labels(profile.name, "refresh_retried").inc()
+                return last  # a retried request: the same pair again, no new mint
+            return await self._rotate(family, profile, caller)
+
+    async def _rotate(self, family: Family, profile: ProfileConfig, caller: Caller) -> Issued:
+        generation = family.generation + 1
+        token = await self._mint(profile, family.id, generation, family.owner_identity, family.expires_at)
+        refresh_token = new_refresh_token(family.id)
+        now = self._clock.now()
+        old = family.current
+        self._revocations.schedule(PendingRevocation(
+            accessor=old.accessor, profile=profile.name, generation=old.generation, token_fp=old.token_fp,
+            revoke_at=min(now + profile.grace, old.expires_at), family=family.id,
+        ))
+        older = (family.previous_hash,) if family.previous_hash is not None else ()
+        updated = dataclasses.replace(
+            family, generation=generation, current=LiveToken(token.accessor, generation, token.fp, token.expires_at),
+            current_hash=refresh_hash(refresh_token), previous_hash=family.current_hash, previous_spent_at=now,
+            spent_hashes=family.spent_hashes + older,
+        )
+        self._families[family.id] = updated
+        self._persist()
+        issued = Issued(updated, token, refresh_token)
+        self._last_issued[family.id] = issued
+        self._metrics.token_requests.labels(profile.name, "refreshed").inc()
+        log.info("family_refreshed profile=%s family=%s generation=%d token_fp=%s", profile.name, family.id,
+                 generation, token.fp)
+        self._record("family_refreshed", profile=profile.name, identity=caller.primary, generation=generation,
+                     token_fp=token.fp, family=family.id, previous_fp=old.token_fp)
+        return issued
+
+    async def _reuse_detected(self, family: Family, caller: Caller) -> None:
+        log.warning("reuse_detected profile=%s family=%s presenter=%s owner=%s", family.profile, family.id,
+                    caller.primary, family.owner_identity)
+        self._metrics.reuse_detected.labels(family.profile).inc()
+        self._metrics.token_requests.labels(family.profile, "refresh_reused").inc()
+        self._record("reuse_detected", profile=family.profile, identity=caller.primary, generation=family.generation,
+                     token_fp=family.current.token_fp, outcome="denied", reason="refresh token presented again",
+                     family=family.id, owner_identity=family.owner_identity,
+                     same_certificate=hmac.compare_digest(caller.fingerprint, family.owner_fp))
+        await self._end(family, "reuse_detected")
+
+    async def release(self, family_id: str, caller: Caller) -> Family:
+        """The job is done: revoke the family's tokens now. Only its own certificate may."""
+        async with self._lock(family_id):
+            family = self._families.get(family_id)
+            if family is None or not hmac.compare_digest(family.owner_fp, caller.fingerprint):
+                raise FamilyNotFound(f"no live token family {family_id[:40]!r} for this client certificate")
+            await self._end(family, "released")
+            return family
+
+    async def _end(self, family: Family, reason: str) -> None:
+        """Revoke every Vault token of the family (current and those in grace) and forget it."""
+        self._families.pop(family.id, None)
+        self._last_issued.pop(family.id, None)
+        self._persist()
+        await self._revoke_now(family.current, family.profile, family.id, reason)
+        try:
+            await self._revocations.revoke_family_now(family.id, reason)
+        except VaultError as exc:
+            log.warning("family_revoke_incomplete family=%s error=%s action=queued for retry", family.id, exc)
+        log.info("family_revoked profile=%s family=%s reason=%s", family.profile, family.id, reason)
+        self._record("family_revoked", profile=family.profile, identity=family.owner_identity,
+                     generation=family.generation, token_fp=family.current.token_fp, reason=reason, family=family.id)
+
+    async def end_all(self, reason: str) -> None:
+        """Opt-in revocation on shutdown: every family ends now."""
+        for family in list(self._families.values()):
+            async with self._lock(family.id):
+                if family.id in self._families:
+                    await self._end(family, reason)
+
+    # --- expiry ----------------------------------------------------------------------------
+
+    async def end_expired(self) -> None:
+        now = self._clock.now()
+        for family in [f for f in self._families.values() if f.expires_at <= now]:
+            async with self._lock(family.id):
+                if family.id in self._families:
+                    await self._end(family, "expired")
+
+    def _next_expiry_in(self) -> float:
+        if not self._families:
+            return 3600.0
+        return max(0.0, min(f.expires_at for f in self._families.values()) - self._clock.now())
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.end_expired()
+            except VaultUnavailable as exc:  # _end queues what it could not revoke; try the rest later
+                log.warning("family_expiry_failed error=%s", exc)
+            await sleep_or_wake(self._clock, self._next_expiry_in(), self._wake)
+
