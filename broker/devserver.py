@@ -11,8 +11,10 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -43,20 +45,49 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class OpenBaoDevServer:
-    """``bao server -dev`` on loopback: in-memory, unsealed, root token ``root``."""
+    """``bao server -dev`` on loopback: in-memory, unsealed, root token ``root``.
 
-    def __init__(self, port: int = 0, log_path: Path | None = None) -> None:
+    ``tls=True`` serves HTTPS (``-dev-tls``) with a CA OpenBao generates into ``tls_dir`` (a
+    temporary directory by default) as ``vault-ca.pem``; ``ca_cert`` is its path. TLS is what
+    cert auth needs: the client certificate is presented in the handshake. The CA is new on
+    every start, ``restart_empty`` included.
+    """
+
+    def __init__(self, port: int = 0, log_path: Path | None = None, *, tls: bool = False,
+                 tls_dir: Path | None = None) -> None:
         self.port = port or free_port()
-        self.address = f"http://127.0.0.1:{self.port}"
+        self.tls = tls
+        self.address = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self._log_path = log_path
+        self._tls_dir = tls_dir
+        self._own_tls_dir = tls and tls_dir is None  # ours to delete on stop
         self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def ca_cert(self) -> Path | None:
+        """The CA that signed the server's certificate (TLS mode only)."""
+        if not self.tls:
+            return None
+        if self._tls_dir is None:
+            self._tls_dir = Path(tempfile.mkdtemp(prefix="openbao-tls-"))
+        return self._tls_dir / "vault-ca.pem"
+
+    def _tls_args(self) -> list[str]:
+        ca = self.ca_cert
+        if ca is None:
+            return []
+        ca.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # OpenBao writes these read-only and regenerates them on every start.
+        for name in ("vault-ca.pem", "vault-cert.pem", "vault-key.pem"):
+            (ca.parent / name).unlink(missing_ok=True)
+        return ["-dev-tls", f"-dev-tls-cert-dir={ca.parent}"]
 
     def start(self, timeout: float = 20.0) -> None:
         log = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL
         env = {k: v for k, v in os.environ.items() if not k.startswith(("BAO_", "VAULT_"))}
         self._proc = subprocess.Popen(
             [bao_binary(), "server", "-dev", f"-dev-root-token-id={ROOT_TOKEN}",
-             f"-dev-listen-address=127.0.0.1:{self.port}", "-dev-no-store-token"],
+             f"-dev-listen-address=127.0.0.1:{self.port}", "-dev-no-store-token", *self._tls_args()],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
         )
         if log is not subprocess.DEVNULL:
@@ -74,9 +105,11 @@ class OpenBaoDevServer:
 
     def healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.address}/v1/sys/health", timeout=1) as response:
+            # The CA file appears only once the server is up: a missing one is "not yet".
+            context = ssl.create_default_context(cafile=str(self.ca_cert)) if self.tls else None
+            with urllib.request.urlopen(f"{self.address}/v1/sys/health", timeout=1, context=context) as response:
                 return bool(response.status == 200)
-        except (urllib.error.URLError, OSError):
+        except (urllib.error.URLError, OSError, ssl.SSLError):
             return False
 
     def stop(self) -> None:
@@ -91,6 +124,8 @@ class OpenBaoDevServer:
                 self._proc.kill()
                 self._proc.wait()
         self._proc = None
+        if self._own_tls_dir and self._tls_dir is not None:
+            shutil.rmtree(self._tls_dir, ignore_errors=True)  # start() makes it again
 
     def pause(self) -> None:
         assert self._proc is not None
@@ -109,6 +144,11 @@ class OpenBaoDevServer:
         env = dict(os.environ, BAO_ADDR=self.address, BAO_TOKEN=ROOT_TOKEN)
         env.pop("VAULT_TOKEN", None)
         env.pop("VAULT_ADDR", None)
+        env.pop("VAULT_CACERT", None)
+        if self.ca_cert is not None:
+            env["BAO_CACERT"] = str(self.ca_cert)
+        else:
+            env.pop("BAO_CACERT", None)
         done = subprocess.run([bao_binary(), *args], input=stdin, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise BrokerError(f"bao {' '.join(args[:3])} failed: {done.stderr.strip()}")
@@ -134,6 +174,16 @@ path "auth/token/renew-self" { capabilities = ["update"] }
 """
 
 
+def secret_id_rotation_policy(role_name: str, mount: str = "approle") -> str:
+    """The extra paths an AppRole login needs to rotate its own secret_id (``rotate_secret_id``):
+    create a new one, look up the old one's accessor, destroy the old one by accessor."""
+    base = f"auth/{mount}/role/{role_name}"
+    return f"""path "{base}/secret-id" {{ capabilities = ["update"] }}
+path "{base}/secret-id/lookup" {{ capabilities = ["update"] }}
+path "{base}/secret-id-accessor/destroy" {{ capabilities = ["update"] }}
+"""
+
+
 @dataclass(frozen=True)
 class AppRoleFiles:
     role_id_file: Path
@@ -154,10 +204,15 @@ def setup_token_role(server: OpenBaoDevServer, role: str, policies: list[str], m
 
 
 def setup_approle(server: OpenBaoDevServer, roles: list[str], secrets_dir: Path, login_ttl: str = "1h",
-                  role_name: str = "broker", mount: str = "approle", policy: str | None = None) -> AppRoleFiles:
-    """The broker's own credential: an AppRole allowed to mint through ``roles``."""
+                  role_name: str = "broker", mount: str = "approle", policy: str | None = None,
+                  rotate_secret_id: bool = False) -> AppRoleFiles:
+    """The broker's own credential: an AppRole allowed to mint through ``roles``
+    (and, with ``rotate_secret_id``, to replace its own secret_id)."""
     policy_name = f"{role_name}-policy"
-    server.bao("policy", "write", policy_name, "-", stdin=policy if policy is not None else broker_policy(roles))
+    text = policy if policy is not None else broker_policy(roles)
+    if rotate_secret_id:
+        text = text.rstrip("\n") + "\n" + secret_id_rotation_policy(role_name, mount)
+    server.bao("policy", "write", policy_name, "-", stdin=text)
     mounts = server.bao("auth", "list", "-format=json")
     if f'"{mount}/"' not in mounts:
         server.bao("auth", "enable", f"-path={mount}", "approle")
@@ -170,6 +225,19 @@ def setup_approle(server: OpenBaoDevServer, roles: list[str], secrets_dir: Path,
     write_secret(files.role_id_file, role_id)
     write_secret(files.secret_id_file, secret_id)
     return files
+
+
+def setup_cert_auth(server: OpenBaoDevServer, roles: list[str], client_ca: Path, name: str = "broker",
+                    mount: str = "cert", policy: str | None = None, login_ttl: str = "1h") -> None:
+    """The broker's credential as a TLS client certificate: any cert signed by ``client_ca``
+    logs in as ``name`` (the ``cert_role``). Needs a server started with ``tls=True``."""
+    policy_name = f"{name}-cert-policy"
+    server.bao("policy", "write", policy_name, "-", stdin=policy if policy is not None else broker_policy(roles))
+    mounts = server.bao("auth", "list", "-format=json")
+    if f'"{mount}/"' not in mounts:
+        server.bao("auth", "enable", f"-path={mount}", "cert")
+    server.bao("write", f"auth/{mount}/certs/{name}", f"display_name={name}", f"token_policies={policy_name}",
+               f"token_ttl={login_ttl}", "token_max_ttl=24h", f"certificate=@{client_ca}")
 
 
 DEV_CONFIG = """\

@@ -13,21 +13,27 @@ import logging
 import os
 import random
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 from broker.audit import AuditLog
-from broker.clock import Clock
+from broker.clock import Clock, sleep_or_wake
 from broker.config import AuthConfig
-from broker.errors import AuditUnavailable, AuthRejected, BrokerError, VaultError, VaultPermissionDenied
+from broker.errors import AuditUnavailable, AuthRejected, TokenInvalid, VaultError, VaultPermissionDenied
 from broker.metrics import Metrics
 from broker.tokens import policy
+from broker.tokens.model import fingerprint
+from broker.tokens.store import write_atomic
 from broker.vault.client import Login, VaultClient
 
 log = logging.getLogger("broker.vault")
 T = TypeVar("T")
 
 RENEW_FRACTION = 2 / 3  # renew when a third of the login's lifetime is left
+PREFERRED_RETRY_BASE = 30.0  # on a fallback, first retry of the better methods; doubles from here
+NO_EXPIRY_RETRY_CAP = 3600.0  # retry cap on a fallback token that never expires (no renewal interval)
+IDLE_REPLAN = 60.0  # nothing is due (a token without expiry): look again this often
 
 
 class AuthMethod(Protocol):
@@ -173,6 +179,13 @@ def method_from_config(cfg: AuthConfig) -> AuthMethod:
 
 
 class Authenticator:
+    """The broker's own Vault login: which method, renewal, re-login, secret_id rotation.
+
+    One loop (``run``) owns every timed step: renew the login, retry a preferred method while
+    on a fallback, rotate the AppRole secret_id. It sleeps until the earliest of them and
+    re-plans whenever the login changes under it (a re-login after a 403).
+    """
+
     def __init__(
         self,
         vault: VaultClient,
@@ -181,6 +194,7 @@ class Authenticator:
         audit: AuditLog,
         metrics: Metrics,
         rng: random.Random | None = None,
+        preferred_retry: float | None = None,
     ) -> None:
         if not methods:
             raise ValueError("at least one auth method is required")
@@ -190,20 +204,29 @@ class Authenticator:
         self._audit = audit
         self._metrics = metrics
         self._rng = rng or random.Random()
+        # Read at construction, not import, so a test can shorten it for brokers it builds.
+        self._preferred_retry_base = preferred_retry or PREFERRED_RETRY_BASE
         self._login: Login | None = None
+        self._current: AuthMethod | None = None
         self._logged_in_at = 0.0
         self._ready = asyncio.Event()
+        self._changed = asyncio.Event()
         self._relogin: asyncio.Task[None] | None = None
+        self._preferred_failures = 0
+        self._rotation_failures = 0
         self.method: str | None = None
         self.last_error: str | None = None
+        self.preferred_retry_at: float | None = None  # while on a fallback: next try of a better method
+        self.rotation_retry_at: float | None = None  # after a failed secret_id rotation step
 
     @property
     def authenticated(self) -> bool:
         return self._login is not None
 
-    def _set_login(self, login: Login | None, method: str | None) -> None:
+    def _set_login(self, login: Login | None, method: AuthMethod | None) -> None:
         self._login = login
-        self.method = method
+        self._current = method if login is not None else None
+        self.method = self._current.name if self._current is not None else None
         self._metrics.vault_authenticated.set(1 if login else 0)
         if login is None:
             self._ready.clear()
@@ -211,6 +234,7 @@ class Authenticator:
             self._vault.use_token(login.token)
             self._logged_in_at = self._clock.now()
             self._ready.set()
+        self._changed.set()
 
     def _record(self, event: str, **fields: str | None) -> None:
         try:
@@ -218,26 +242,71 @@ class Authenticator:
         except AuditUnavailable:
             pass  # readiness already reports the audit failure; a login must not fail over it
 
-    async def login(self) -> Login:
-        """Try each method in order; the first that works wins. Raises the last error."""
-        last: BrokerError | None = None
-        for method in self._methods:
+    # --- which method: the preference order is applied here and nowhere else ---------------
+
+    async def _first_working(self, methods: Sequence[AuthMethod]) -> tuple[AuthMethod, Login]:
+        """Try ``methods`` in order; the first that logs in wins. Raises the last error."""
+        last: VaultError | None = None
+        for method in methods:
             try:
-                login = await method.login(self._vault)
+                return method, await method.login(self._vault)
             except VaultError as exc:
                 last = exc
                 log.warning("vault_login_failed method=%s error=%s", method.name, exc)
                 self._record("vault_login_failed", outcome="failure", reason=str(exc), method=method.name)
-                continue
-            self._set_login(login, method.name)
-            self.last_error = None
-            log.info("vault_login method=%s ttl=%ss", method.name, int(login.ttl))
-            self._record("vault_login", method=method.name)
-            return login
-        self._set_login(None, None)
-        self.last_error = str(last)
         assert last is not None
         raise last
+
+    def _adopt(self, method: AuthMethod, login: Login) -> None:
+        previous = self._current
+        self._set_login(login, method)
+        self.last_error = None
+        log.info("vault_login method=%s ttl=%ss", method.name, int(login.ttl))
+        self._record("vault_login", method=method.name)
+        self._plan_preferred_retry(fresh_fallback=previous is None or self._rank(previous) == 0)
+
+    def _rank(self, method: AuthMethod) -> int:
+        return next(i for i, m in enumerate(self._methods) if m is method)
+
+    def _plan_preferred_retry(self, fresh_fallback: bool) -> None:
+        """On a fallback, try the better methods again later: doubling from the base, capped at
+        the renewal interval (a renewal that ends in a re-login tries them anyway)."""
+        if self._current is None or self._rank(self._current) == 0:
+            self._preferred_failures = 0
+            self.preferred_retry_at = None
+            return
+        if fresh_fallback:
+            self._preferred_failures = 0
+        login = self._login
+        assert login is not None
+        cap = max(self._preferred_retry_base,
+                  login.ttl * RENEW_FRACTION if login.ttl > 0 else NO_EXPIRY_RETRY_CAP)
+        delay = min(cap, self._preferred_retry_base * 2 ** min(self._preferred_failures, 20))
+        # Up to 10 % early, so a fleet that failed over together does not retry in lockstep.
+        self.preferred_retry_at = self._clock.now() + delay * (1 - 0.1 * self._rng.random())
+
+    async def login(self) -> Login:
+        """Log in with the first method that works, primary first. Raises the last error."""
+        try:
+            method, login = await self._first_working(self._methods)
+        except VaultError as exc:
+            self._set_login(None, None)
+            self.last_error = str(exc)
+            raise
+        self._adopt(method, login)
+        return login
+
+    async def _retry_preferred(self) -> None:
+        current = self._current
+        if current is None:
+            return
+        try:
+            method, login = await self._first_working(self._methods[:self._rank(current)])
+        except VaultError:
+            self._preferred_failures += 1
+            self._plan_preferred_retry(fresh_fallback=False)
+            return
+        self._adopt(method, login)
 
     async def _login_until_success(self) -> None:
         failures = 0
@@ -266,28 +335,57 @@ class Authenticator:
             await self.relogin()
             return await op()
 
+    # --- the loop ----------------------------------------------------------------------
+
     def _renew_at(self, login: Login) -> float | None:
         if login.ttl <= 0:
             return None  # a token without expiry (e.g. a root token in dev) needs no care
         return self._logged_in_at + login.ttl * RENEW_FRACTION
 
+    def _rotating(self) -> AppRoleAuth | None:
+        """The AppRole whose secret_id we rotate: only the one we are logged in with, because
+        its login told us the role name and our token carries its secret-id policy."""
+        current = self._current
+        if isinstance(current, AppRoleAuth) and current.rotate_every is not None:
+            return current
+        return None
+
+    def _rotation_at(self) -> float | None:
+        method = self._rotating()
+        if method is None:
+            return None
+        due = self._clock.now() if method.destroys_pending else method.secret_id_due_at()
+        if due is None:
+            return None
+        return max(due, self.rotation_retry_at or due)
+
+    def _next_step(self) -> tuple[float | None, Callable[[], Awaitable[None]]]:
+        """The earliest timed step and when it is due (None: nothing is, just watch)."""
+        if self._login is None:
+            return self._clock.now(), self._login_until_success
+        steps: list[tuple[float, Callable[[], Awaitable[None]]]] = []
+        renew_at = self._renew_at(self._login)
+        if renew_at is not None:
+            steps.append((renew_at, self._renew_or_relogin))
+        if self.preferred_retry_at is not None:
+            steps.append((self.preferred_retry_at, self._retry_preferred))
+        rotation_at = self._rotation_at()
+        if rotation_at is not None:
+            steps.append((rotation_at, self._rotation_step))
+        if not steps:
+            return None, self._login_until_success
+        return min(steps, key=lambda step: step[0])
+
     async def run(self) -> None:
         """Keep the broker logged in for as long as the service runs."""
         await self._login_until_success()
         while True:
-            login = self._login
-            renew_at = self._renew_at(login) if login else self._clock.now()
-            if renew_at is None:
-                await self._wait_for_logout()
-                continue
-            await self._clock.sleep(renew_at - self._clock.now())
-            await self._renew_or_relogin()
-
-    async def _wait_for_logout(self) -> None:
-        while self._login is not None and self._renew_at(self._login) is None:
-            await self._clock.sleep(60)
-        if self._login is None:
-            await self._login_until_success()
+            due, step = self._next_step()
+            wait = IDLE_REPLAN if due is None else due - self._clock.now()
+            if await sleep_or_wake(self._clock, wait, self._changed):
+                continue  # the login changed under us (a re-login after a 403): plan again
+            if due is not None:
+                await step()
 
     async def _renew_or_relogin(self) -> None:
         login = self._login
@@ -299,7 +397,36 @@ class Authenticator:
             else:
                 # A renewal that grants much less than before means the max TTL is near.
                 if new_ttl >= login.ttl / 2:
-                    self._login = Login(login.token, login.accessor, new_ttl, True)
+                    self._login = replace(login, ttl=new_ttl)
                     self._logged_in_at = self._clock.now()
                     return
         await self._login_until_success()
+
+    async def _rotation_step(self) -> None:
+        """Replace the AppRole secret_id if it is due, then destroy what it replaced.
+
+        Failures back off (full jitter, 1 s up to 5 min) and never touch the current login.
+        Rotation calls go straight to Vault, not through ``call``: a 403 here usually means
+        the policy lacks the secret-id paths, which a re-login would not fix.
+        """
+        method = self._rotating()
+        if method is None:
+            return
+        try:
+            due = method.secret_id_due_at()
+            if due is not None and due <= self._clock.now():
+                login, accessor = await method.replace_secret_id(self._vault)
+                self._set_login(login, method)
+                log.info("secret_id_rotated method=approle accessor_fp=%s ttl=%ss", fingerprint(accessor),
+                         int(login.ttl))
+                self._record("secret_id_rotated", method="approle", accessor_fp=fingerprint(accessor))
+            await method.destroy_replaced(self._vault)
+        except (VaultError, OSError) as exc:
+            self._rotation_failures += 1
+            delay = policy.backoff_delay(self._rotation_failures, self._rng.random(), self._clock.now(), None)
+            self.rotation_retry_at = self._clock.now() + delay
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            log.warning("secret_id_rotation_failed method=approle error=%s retry_in=%.1fs", reason, delay)
+            return
+        self._rotation_failures = 0
+        self.rotation_retry_at = None
