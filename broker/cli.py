@@ -77,16 +77,30 @@ def _parser() -> argparse.ArgumentParser:
     get = sub.add_parser("get", help="fetch a token (job side; env BROKER_URL/CERT/KEY/CA)")
     get.add_argument("profile")
     get.add_argument("--min-ttl", default=None, help="at least this much lifetime left, e.g. 10m")
-    get.add_argument("--format", choices=("raw", "json", "env"), default="raw")
-    get.add_argument("--env-name", default="VAULT_TOKEN", help="variable name for --format env")
-    get.add_argument("--output", type=Path, help="write to this file (0600) instead of stdout")
+    _output_args(get)
     get.add_argument("--retries", type=_non_negative, default=5, help="retries on 503 / connection errors")
+    get.add_argument("--refresh-file", type=Path,
+                     help="per-job profiles: start a token family and keep its refresh token in this file (0600)")
+
+    refresh = sub.add_parser("refresh", help="per-job: rotate the family in --refresh-file, print the new token")
+    refresh.add_argument("--refresh-file", type=Path, required=True)
+    release = sub.add_parser("release", help="per-job: the job is done; revoke the family in --refresh-file")
+    release.add_argument("--refresh-file", type=Path, required=True)
+    _output_args(refresh)
+    for command in (refresh, release):
+        command.add_argument("--retries", type=_non_negative, default=5)
 
     for action in ("rotate", "revoke"):
         admin = sub.add_parser(action, help=f"admin: {action} a profile's token now")
         admin.add_argument("profile")
         admin.add_argument("--retries", type=_non_negative, default=2)
     return p
+
+
+def _output_args(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--format", choices=("raw", "json", "env"), default="raw")
+    command.add_argument("--env-name", default="VAULT_TOKEN", help="variable name for --format env")
+    command.add_argument("--output", type=Path, help="write to this file (0600) instead of stdout")
 
 
 def _setup_logging() -> None:
@@ -168,16 +182,36 @@ def _render(body: dict[str, object], fmt: str, env_name: str) -> str:
 
 
 def _get(args: argparse.Namespace) -> int:
-    from broker.client import write_secret_file
     from broker.config import parse_duration
 
-    if not ENV_NAME.fullmatch(args.env_name):
-        raise _Usage(f"--env-name {args.env_name!r} is not a shell variable name (letters, digits, _)")
     try:
         min_ttl = parse_duration(args.min_ttl) if args.min_ttl is not None else None
     except ValueError as exc:
         raise _Usage(f"--min-ttl: {exc}") from None
-    body = _client(args.retries).get_token(args.profile, min_ttl)
+    _check_env_name(args.env_name)
+    client = _client(args.retries)
+    if args.refresh_file is not None:
+        body = client.start_family(args.profile)
+        _keep_refresh_token(args.refresh_file, body)
+    else:
+        body = client.get_token(args.profile, min_ttl)
+        if "refresh_token" in body:
+            print(f"broker get: {args.profile} is a per-job profile; started family {body.get('family')} "
+                  "without keeping its refresh token (use --refresh-file to refresh and release it)",
+                  file=sys.stderr)
+    return _emit(body, args)
+
+
+def _check_env_name(name: str) -> None:
+    if not ENV_NAME.fullmatch(name):
+        raise _Usage(f"--env-name {name!r} is not a shell variable name (letters, digits, _)")
+
+
+def _emit(body: dict[str, object], args: argparse.Namespace) -> int:
+    """Print (or write to --output) the token in the asked format; never the refresh token."""
+    from broker.client import write_secret_file
+
+    body = {k: v for k, v in body.items() if k != "refresh_token"}
     if os.environ.get("GITHUB_ACTIONS") == "true":
         print(f"::add-mask::{body['token']}", flush=True)
     text = _render(body, args.format, args.env_name)
@@ -186,10 +220,50 @@ def _get(args: argparse.Namespace) -> int:
             write_secret_file(args.output, text)
         except OSError as exc:
             raise _Failure(f"cannot write {args.output}: {exc.strerror or exc}") from None
-        print(f"wrote {args.format} token for {args.profile} (generation {body.get('generation')}, "
+        print(f"wrote {args.format} token for {body.get('profile')} (generation {body.get('generation')}, "
               f"expires {body.get('expires_at')}) to {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
+    return EXIT_OK
+
+
+REFRESH_FILE_KEYS = ("profile", "family", "generation", "refresh_token", "refresh_expires_at")
+
+
+def _keep_refresh_token(path: Path, body: dict[str, object]) -> None:
+    from broker.client import write_secret_file
+
+    try:
+        write_secret_file(path, json.dumps({k: body.get(k) for k in REFRESH_FILE_KEYS}) + "\n")
+    except OSError as exc:
+        raise _Failure(f"cannot write the refresh file {path}: {exc.strerror or exc}") from None
+
+
+def _read_refresh_file(path: Path) -> dict[str, object]:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise _Usage(f"cannot read the refresh file {path}: {exc.strerror or exc}") from None
+    except ValueError:
+        raise _Usage(f"{path} is not a refresh file written by broker get --refresh-file") from None
+    if not isinstance(data, dict) or not isinstance(data.get("refresh_token"), str) or "family" not in data:
+        raise _Usage(f"{path} is not a refresh file written by broker get --refresh-file")
+    return data
+
+
+def _refresh(args: argparse.Namespace) -> int:
+    _check_env_name(args.env_name)
+    kept = _read_refresh_file(args.refresh_file)
+    body = _client(args.retries).refresh(str(kept["refresh_token"]))
+    _keep_refresh_token(args.refresh_file, body)
+    return _emit(body, args)
+
+
+def _release(args: argparse.Namespace) -> int:
+    kept = _read_refresh_file(args.refresh_file)
+    body = _client(args.retries).release(str(kept["family"]))
+    args.refresh_file.unlink(missing_ok=True)
+    print(json.dumps(body))
     return EXIT_OK
 
 
@@ -208,6 +282,7 @@ class _Failure(BrokerError):
 
 
 COMMANDS = {"serve": _serve, "dev": _dev, "check": _check, "certs": _certs, "get": _get,
+            "refresh": _refresh, "release": _release,
             "rotate": _admin, "revoke": _admin}
 
 

@@ -98,22 +98,30 @@ class BrokerClient:
         self._host = parts.hostname or "localhost"
         self._port = parts.port or 443
 
-    def _once(self, method: str, path: str, accept: str) -> Answer:
+    def _once(self, method: str, path: str, accept: str, payload: bytes | None) -> Answer:
         conn = http.client.HTTPSConnection(self._host, self._port, context=self._context,
                                            timeout=self._config.timeout)
+        headers = {"Accept": accept}
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
         try:
-            conn.request(method, path, headers={"Accept": accept})
+            conn.request(method, path, body=payload, headers=headers)
             response = conn.getresponse()
             return Answer(response.status, response.read(), {k.lower(): v for k, v in response.getheaders()})
         finally:
             conn.close()
 
-    def request(self, method: str, path: str, accept: str = "application/json") -> Answer:
-        """One call, retried on 503 and on connection failures; other answers return at once."""
+    def request(self, method: str, path: str, accept: str = "application/json",
+                payload: dict[str, object] | None = None) -> Answer:
+        """One call, retried on 503 and on connection failures; other answers return at once.
+
+        Retrying a refresh is safe: the broker answers the retried previous refresh token with
+        the pair it already issued (within the profile's reuse_interval)."""
+        data = json.dumps(payload).encode() if payload is not None else None
         attempts = max(0, self._config.retries) + 1
         for attempt in range(1, attempts + 1):
             try:
-                answer = self._once(method, path, accept)
+                answer = self._once(method, path, accept, data)
             except ssl.SSLCertVerificationError as exc:
                 raise ClientError(f"cannot verify the broker's certificate with BROKER_CA ({exc.verify_message}); "
                                   "is BROKER_CA the CA that signed the broker's cert?") from None
@@ -144,13 +152,23 @@ class BrokerClient:
         return self._rng.uniform(0, min(8.0, 0.5 * 2 ** (attempt - 1)))
 
     def get_token(self, profile: str, min_ttl: float | None = None) -> dict[str, object]:
+        """A shared profile's token; for a per-job profile, the first token of a new family."""
         path = f"/v1/tokens/{quote(profile, safe='')}"
         if min_ttl:
             path += f"?min_ttl={math.ceil(min_ttl)}"  # rounding down would ask for less than wanted
-        body = self._ok(self.request("GET", path))
-        if not isinstance(body.get("token"), str) or not body["token"]:
-            raise ClientError("the broker's answer carries no token; is BROKER_URL the token broker?")
-        return body
+        answer = self.request("GET", path)
+        if answer.status == 400 and "per-job" in answer.error_message():
+            return self.start_family(profile)
+        return _with_token(self._ok(answer))
+
+    def start_family(self, profile: str) -> dict[str, object]:
+        return _with_token(self._ok(self.request("POST", f"/v1/tokens/{quote(profile, safe='')}")))
+
+    def refresh(self, refresh_token: str) -> dict[str, object]:
+        return _with_token(self._ok(self.request("POST", "/v1/refresh", payload={"refresh_token": refresh_token})))
+
+    def release(self, family: str) -> dict[str, object]:
+        return self._ok(self.request("DELETE", f"/v1/families/{quote(family, safe='')}"))
 
     def admin(self, profile: str, action: str) -> dict[str, object]:
         return self._ok(self.request("POST", f"/v1/tokens/{quote(profile, safe='')}/{action}"))
@@ -164,6 +182,12 @@ class BrokerClient:
         except ValueError:
             raise ClientError("the broker answered 200 but not with a JSON object; "
                               "is BROKER_URL the token broker?") from None
+
+
+def _with_token(body: dict[str, object]) -> dict[str, object]:
+    if not isinstance(body.get("token"), str) or not body["token"]:
+        raise ClientError("the broker's answer carries no token; is BROKER_URL the token broker?")
+    return body
 
 
 # After a completed TLS 1.3 handshake the broker may still refuse the client certificate; the
