@@ -30,17 +30,27 @@ from broker.service import Broker, build
 
 # --- logs, kept for the leak scan ---------------------------------------------------------
 
+class LogLines(list[str]):
+    """Every log line of the run, and every token value any broker of the run held or served."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: set[str] = set()
+
+
 class _Collect(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
+        self.lines = LogLines()
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(self.format(record))
 
 
 @pytest.fixture(scope="session")
-def log_lines() -> Iterator[list[str]]:
+def log_lines() -> Iterator[LogLines]:
+    """Every log line of the whole run. At the end, none may contain any token value that any
+    broker of the run held or served (each broker is also checked when it stops)."""
     handler = _Collect()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()
@@ -49,6 +59,10 @@ def log_lines() -> Iterator[list[str]]:
     logging.getLogger("hvac").setLevel(logging.DEBUG)
     yield handler.lines
     root.removeHandler(handler)
+    text = "\n".join(handler.lines)
+    leaked = [secret[:4] + "…" for secret in handler.lines.secrets if secret in text]
+    assert not leaked, f"token values leaked into the logs of this run: {leaked}"
+    assert len(handler.lines) > 0
 
 
 # --- OpenBao -------------------------------------------------------------------------------
@@ -164,6 +178,7 @@ class RunningBroker:
     task: asyncio.Task[None]
     roles: dict[str, str]
     seen_secrets: set[str] = field(default_factory=set)
+    error_bodies: list[str] = field(default_factory=list)  # every non-200 answer, for the leak scan
 
     def auth_entries(self) -> list[dict[str, str]]:
         """This broker's [[vault.auth]] entries, to start another broker on the same credential."""
@@ -206,6 +221,8 @@ class RunningBroker:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, force_close=True)) as session:
             async with session.request(method, self.url + path, **kwargs) as response:
                 text = await response.text()
+                if response.status != 200:
+                    self.error_bodies.append(text)
                 body: Any = text
                 if response.content_type == "application/json":
                     body = json.loads(text)
@@ -224,6 +241,7 @@ class RunningBroker:
         async with aiohttp.ClientSession() as session:
             async with session.get(self.ops_url + path) as response:
                 text = await response.text()
+                self.error_bodies.append(text)  # ops answers never carry a token: scan them all
                 return response.status, (json.loads(text) if response.content_type == "application/json" else text)
 
     def metrics_text(self) -> str:
@@ -321,12 +339,15 @@ class BrokerFactory:
         for running in self.started:
             await running.shutdown()
         for running in self.started:
+            if isinstance(self.log_lines, LogLines):
+                self.log_lines.secrets.update(running.seen_secrets)
             assert_no_leaks(running, self.log_lines)
 
 
 def assert_no_leaks(running: RunningBroker, log_lines: list[str]) -> None:
     haystacks = {
         "logs": "\n".join(log_lines),
+        "error and ops answers": "\n".join(running.error_bodies),
         "audit": running.audit_path.read_text() if running.audit_path.is_file() else "",
         "metrics": running.metrics_text(),
         "state": "".join(p.read_text() for p in running.broker.config.state.dir.glob("*.json")),

@@ -7,6 +7,8 @@ import json
 import signal
 from pathlib import Path
 
+import pytest
+
 from broker.devserver import OpenBaoDevServer
 from tests.conftest import BrokerFactory, Pki, token_is_valid
 from tests.faults import TcpProxy
@@ -70,3 +72,22 @@ async def test_sigkill_mid_rotation_then_restart(tmp_path: Path, pki: Pki, openb
     assert events[-1]["event"] != "token_rot"
     for token in (first["token"], second["token"], third["token"]):
         assert token not in text
+
+
+async def test_sigterm_lets_in_flight_requests_finish(brokers: BrokerFactory, openbao: OpenBaoDevServer) -> None:
+    proxy = await TcpProxy("127.0.0.1", openbao.port).start()
+    try:
+        b = await brokers.start(vault_address=proxy.address)
+        first = await b.get_token()
+        proxy.delay = 0.4  # the rotation below takes a couple of seconds
+        rotation = asyncio.create_task(b.request("POST", "/v1/tokens/demo/rotate", cert="ops"))
+        await asyncio.sleep(0.3)
+        b.stop.set()  # what SIGTERM does
+        status, body, _ = await rotation
+        assert status == 200 and body["generation"] == 2, "the request in flight was answered"
+        await asyncio.wait_for(b.task, timeout=20)
+        assert token_is_valid(b.vault, first["token"]), "a plain stop revokes nothing"
+        with pytest.raises(OSError):  # and the listener is closed
+            await asyncio.open_connection("127.0.0.1", b.broker.api_port)
+    finally:
+        await proxy.stop()
