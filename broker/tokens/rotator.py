@@ -110,6 +110,10 @@ class Rotator:
                 token_fp=record.token_fp, revoke_at=min(now + self.profile.grace, record.expires_at),
             ))
 
+    def _pending(self, token: Token, revoke_at: float) -> PendingRevocation:
+        return PendingRevocation(accessor=token.accessor, profile=self.name, generation=token.generation,
+                                 token_fp=token.fp, revoke_at=revoke_at)
+
     # --- rotation ----------------------------------------------------------------
 
     async def rotate(self, reason: str) -> ProfileState:
@@ -166,8 +170,7 @@ class Rotator:
         """A minted token that does not verify is never served, and must not linger at Vault."""
         log.warning("rotation_rolled_back profile=%s generation=%s token_fp=%s error=%s",
                     self.name, token.generation, token.fp, exc)
-        entry = PendingRevocation(accessor=token.accessor, profile=self.name, generation=token.generation,
-                                  token_fp=token.fp, revoke_at=self._clock.now())
+        entry = self._pending(token, self._clock.now())
         try:
             await self._revocations.revoke(entry, "rolled_back")
         except VaultError:
@@ -187,10 +190,7 @@ class Rotator:
         grace_until = None
         if previous is not None and previous.expires_at > now:
             grace_until = policy.grace_until(now, self.profile.grace, previous)
-            self._revocations.schedule(PendingRevocation(
-                accessor=previous.accessor, profile=self.name, generation=previous.generation,
-                token_fp=previous.fp, revoke_at=grace_until,
-            ))
+            self._revocations.schedule(self._pending(previous, grace_until))
         else:
             previous = None
         self._retry_at = None
@@ -204,15 +204,22 @@ class Rotator:
         self._record("token_rotated", generation=token.generation, token_fp=token.fp, reason=reason,
                      previous_fp=previous.fp if previous else None)
 
-    def _failed(self, exc: Exception, stage: str, count_metric: bool = True) -> None:
+    def _count_failure(self, stage: str, exc: Exception) -> tuple[int, float]:
+        """One more consecutive Vault failure (rotation or check): publish it, unhealthy past
+        the threshold. Returns the failure count and when to try again."""
         state = self.state
         failures = state.consecutive_failures + 1
         now = self._clock.now()
-        self._retry_at = now + policy.backoff_delay(failures, self._rng.random(), now, state.current, self._retry_cap)
+        retry_at = now + policy.backoff_delay(failures, self._rng.random(), now, state.current, self._retry_cap)
         self._publish(dataclasses.replace(
             state, consecutive_failures=failures, last_error=f"{stage}: {exc}",
             unhealthy=failures >= self.profile.alert_threshold,
         ))
+        return failures, retry_at
+
+    def _failed(self, exc: Exception, stage: str, count_metric: bool = True) -> None:
+        now = self._clock.now()
+        failures, self._retry_at = self._count_failure(stage, exc)
         if count_metric:
             self._metrics.rotations.labels(self.name, "failure").inc()
         log.warning("rotation_failed profile=%s stage=%s failures=%d retry_in=%.2fs error=%s",
@@ -240,9 +247,7 @@ class Rotator:
             self._publish(dataclasses.replace(state, current=None, previous=None, grace_until=None))
             for token in (state.current, state.previous):
                 if token is not None:
-                    await self._revocations.revoke(PendingRevocation(
-                        accessor=token.accessor, profile=self.name, generation=token.generation,
-                        token_fp=token.fp, revoke_at=self._clock.now()), reason)
+                    await self._revocations.revoke(self._pending(token, self._clock.now()), reason)
             await self._revocations.revoke_profile_now(self.name, reason)
 
     async def revoke_all(self) -> ProfileState:
@@ -271,13 +276,7 @@ class Rotator:
 
     def _check_failed(self, exc: VaultError) -> None:
         state = self.state
-        failures = state.consecutive_failures + 1
-        now = self._clock.now()
-        self._next_check_at = now + policy.backoff_delay(failures, self._rng.random(), now, state.current, self._retry_cap)
-        self._publish(dataclasses.replace(
-            state, consecutive_failures=failures, last_error=f"check: {exc}",
-            unhealthy=failures >= self.profile.alert_threshold,
-        ))
+        failures, self._next_check_at = self._count_failure("check", exc)
         log.warning("check_failed profile=%s failures=%d error=%s", self.name, failures, exc)
         self._record("check_failed", generation=state.generation, token_fp=state.current.fp if state.current else None,
                      outcome="failure", reason=str(exc))
