@@ -43,6 +43,7 @@ class ServerConfig:
     max_body_bytes: int = 64 * 1024
     handshake_timeout: float = 10.0
     revoke_on_shutdown: bool = False  # default: running jobs keep their tokens across a restart
+    tls_engine: str = "openssl"  # openssl (pyOpenSSL, enforces tls13_ciphersuites) | stdlib
     rate_limit: float = 50.0  # requests per second per client certificate; 0 turns it off
     rate_limit_burst: float = 100.0
 
@@ -54,6 +55,7 @@ class OpsConfig:
 
 
 AUDIT_ON_FAILURE = ("refuse", "continue")
+TLS_ENGINES = ("openssl", "stdlib")
 
 
 @dataclass(frozen=True)
@@ -635,6 +637,7 @@ def _server(r: _Reader) -> ServerConfig:
     max_body_bytes = r.integer("max_body_bytes", 64 * 1024, minimum=1)
     handshake_timeout = r.duration("handshake_timeout", "10s", positive=True)
     revoke_on_shutdown = r.boolean("revoke_on_shutdown", False)
+    tls_engine = r.choice("tls_engine", TLS_ENGINES, default="openssl")
     rate_limit = r.number("rate_limit", 50.0, minimum=0.0)
     rate_limit_burst = r.number("rate_limit_burst", max(1.0, rate_limit * 2), minimum=1.0)
     r.finish()
@@ -648,6 +651,7 @@ def _server(r: _Reader) -> ServerConfig:
         max_body_bytes=max_body_bytes,
         handshake_timeout=handshake_timeout,
         revoke_on_shutdown=revoke_on_shutdown,
+        tls_engine=tls_engine,
         rate_limit=rate_limit,
         rate_limit_burst=rate_limit_burst,
     )

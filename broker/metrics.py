@@ -53,6 +53,10 @@ class Metrics:
             "broker_token_reuse_detected", "Refresh-token reuse detections (family revoked).",
             ["profile"], registry=registry,
         )
+        self.tls_handshakes = Counter(
+            "broker_tls_handshakes", "TLS handshakes on the API listener (openssl engine) by outcome.",
+            ["outcome"], registry=registry,
+        )
         self.revocations_pending = Gauge(
             "broker_revocations_pending", "Token revocations scheduled but not yet done.", registry=registry,
         )

@@ -23,6 +23,7 @@ from broker.config import Config
 from broker.errors import BrokerError, CertError, ConfigError
 from broker.metrics import Metrics
 from broker.ops.server import OpsDeps, make_ops_app
+from broker.tlsengine import ReloadableOpenSSLContext, tls_protocol_factory
 from broker.tokens.families import FamilyManager
 from broker.tokens.model import TokenCache
 from broker.tokens.revocations import RevocationQueue
@@ -37,23 +38,31 @@ SHUTDOWN_TIMEOUT = 10.0  # in-flight requests get this long to finish on SIGTERM
 
 
 class TLSSockSite(web.SockSite):
-    """aiohttp's SockSite, plus a handshake timeout so a stalled handshake frees its slot, and
-    JSON answers to malformed HTTP."""
+    """aiohttp's SockSite on our TLS engine: pyOpenSSL over memory BIOs by default, or the
+    stdlib's ``ssl`` (``[server] tls_engine = "stdlib"``); a handshake timeout so a stalled
+    handshake frees its slot, and JSON answers to malformed HTTP."""
 
-    __slots__ = ("_handshake_timeout",)
+    __slots__ = ("_tls", "_handshake_timeout", "_observe")
 
-    def __init__(self, runner: web.BaseRunner, sock: socket.socket, *, ssl_context: object,
-                 handshake_timeout: float) -> None:
-        super().__init__(runner, sock, ssl_context=ssl_context)  # type: ignore[arg-type]
+    def __init__(self, runner: web.BaseRunner, sock: socket.socket, *,
+                 tls_context: tls.ReloadableServerContext | ReloadableOpenSSLContext,
+                 handshake_timeout: float, observe: Callable[[str], None]) -> None:
+        super().__init__(runner, sock)
+        self._tls = tls_context
         self._handshake_timeout = handshake_timeout
+        self._observe = observe
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
         assert isinstance(self._runner, web.AppRunner)
-        self._server = await asyncio.get_running_loop().create_server(
-            protocol_factory(self._runner), sock=self._sock, ssl=self._ssl_context, backlog=self._backlog,
-            ssl_handshake_timeout=self._handshake_timeout,
-        )
+        loop = asyncio.get_running_loop()
+        app = protocol_factory(self._runner)
+        if isinstance(self._tls, ReloadableOpenSSLContext):
+            factory = tls_protocol_factory(self._tls, app, self._handshake_timeout, self._observe)
+            self._server = await loop.create_server(factory, sock=self._sock, backlog=self._backlog)
+        else:
+            self._server = await loop.create_server(app, sock=self._sock, ssl=self._tls.context, backlog=self._backlog,
+                                                    ssl_handshake_timeout=self._handshake_timeout)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -79,7 +88,7 @@ class Broker:
     revocations: RevocationQueue
     rotators: dict[str, Rotator]
     families: FamilyManager | None
-    tls_context: tls.ReloadableServerContext
+    tls_context: tls.ReloadableServerContext | ReloadableOpenSSLContext
     api_port: int = 0
     ops_port: int = 0
     _runners: list[web.AppRunner] = field(default_factory=list)
@@ -112,8 +121,8 @@ class Broker:
         for runner in (api, ops):
             await runner.setup()
             self._runners.append(runner)
-        await TLSSockSite(api, api_sock, ssl_context=self.tls_context.context,
-                          handshake_timeout=cfg.server.handshake_timeout).start()
+        await TLSSockSite(api, api_sock, tls_context=self.tls_context, handshake_timeout=cfg.server.handshake_timeout,
+                          observe=lambda outcome: self.metrics.tls_handshakes.labels(outcome).inc()).start()
         await web.SockSite(ops, ops_sock).start()
         log.info("listening api=https://%s:%d ops=http://%s:%d", cfg.server.host, self.api_port,
                  cfg.ops.host, self.ops_port)
@@ -190,7 +199,8 @@ def build(config: Config, clock: Clock | None = None, registry: CollectorRegistr
     families = FamilyManager(config.profiles, vault, auth, revocations, store, clock, audit, metrics) if per_job else None
     return Broker(config=config, clock=clock, metrics=metrics, audit=audit, store=store, vault=vault, auth=auth,
                   cache=cache, revocations=revocations, rotators=rotators, families=families,
-                  tls_context=tls.ReloadableServerContext(config.server))
+                  tls_context=ReloadableOpenSSLContext(config.server) if config.server.tls_engine == "openssl"
+                  else tls.ReloadableServerContext(config.server))
 
 
 def install_uvloop() -> None:

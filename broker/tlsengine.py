@@ -1,0 +1,315 @@
+"""The listener's TLS engine: pyOpenSSL over memory BIOs, under aiohttp's request handler.
+
+Why not the stdlib: Python's ``ssl`` links the system OpenSSL (3.0 here), whose server-side
+handshake costs about twice what the OpenSSL bundled with ``cryptography`` (which pyOpenSSL
+uses) does; and it cannot restrict TLS 1.3 cipher suites, so ``tls13_ciphersuites`` could not
+be enforced. The pattern is Twisted's ``TLSMemoryBIOProtocol``: the raw TCP transport feeds
+ciphertext into the connection's read BIO, plaintext comes out of ``recv`` and goes to the
+application protocol (aiohttp's ``RequestHandler``), and whatever OpenSSL wants to send is
+drained from the write BIO onto the socket.
+
+What the handshake enforces, and why it is stricter than the stdlib engine could be: TLS 1.3
+only, exactly the configured suites, a client certificate chaining to ``client_ca`` (strict
+X.509), valid now, with an extendedKeyUsage that includes clientAuth — a cert without any EKU
+is refused here, in the handshake. No session tickets (a resumed session would skip the
+client-certificate check after a CA change). A handshake that does not finish within the
+timeout frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from OpenSSL import SSL, crypto
+
+from broker.config import ServerConfig
+from broker.errors import CertError
+
+log = logging.getLogger("broker.tls")
+
+_READ_SIZE = 256 * 1024
+
+HandshakeObserver = Callable[[str], None]  # outcome: success | failure | timeout
+
+
+def _has_client_auth(cert: crypto.X509) -> bool:
+    try:
+        eku = cert.to_cryptography().extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except (x509.ExtensionNotFound, ValueError):
+        return False
+    return ExtendedKeyUsageOID.CLIENT_AUTH in eku
+
+
+def _verify(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+    """OpenSSL checked the chain (and, for a server, the sslclient purpose); we add that the
+    leaf must *have* an EKU with clientAuth, which OpenSSL lets pass when EKU is absent."""
+    if not ok:
+        return False
+    return depth > 0 or _has_client_auth(cert)
+
+
+def openssl_context(cfg: ServerConfig) -> SSL.Context:
+    """The server context for ``cfg``; CertError naming the file when something is wrong."""
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
+    ctx.set_options(SSL.OP_NO_TICKET)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    try:
+        ctx.set_tls13_ciphersuites(":".join(cfg.tls13_ciphersuites).encode())
+    except SSL.Error:
+        raise CertError(f"none of the cipher suites {', '.join(cfg.tls13_ciphersuites)} is usable") from None
+    for what, path, load in (
+        ("server certificate", cfg.cert, ctx.use_certificate_chain_file),
+        ("server key", cfg.key, ctx.use_privatekey_file),
+    ):
+        try:
+            load(str(path))
+        except (SSL.Error, OSError) as exc:
+            raise CertError(f"cannot load the {what} {path}: {_reason(exc)}") from None
+    try:
+        ctx.check_privatekey()
+    except SSL.Error:
+        raise CertError(f"server key {cfg.key} does not match the certificate {cfg.cert}") from None
+    try:
+        ctx.load_verify_locations(str(cfg.client_ca))
+    except (SSL.Error, OSError) as exc:
+        raise CertError(f"cannot load client_ca {cfg.client_ca}: {_reason(exc)}") from None
+    ctx.get_cert_store().set_flags(crypto.X509StoreFlags.X509_STRICT)
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _verify)
+    return ctx
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    parts = [str(e[2]) for e in getattr(exc, "args", [[]])[0] if isinstance(e, tuple) and len(e) == 3]
+    return "; ".join(parts) or type(exc).__name__
+
+
+class _PeerCertificate:
+    """What ``broker.tls.peer_der`` reads from ``get_extra_info("ssl_object")``."""
+
+    def __init__(self, der: bytes | None) -> None:
+        self._der = der
+
+    def getpeercert(self, binary_form: bool = False) -> bytes | None:
+        return self._der if binary_form else None
+
+
+class _AppTransport(asyncio.Transport):
+    """The plaintext side, as the application protocol sees it."""
+
+    def __init__(self, tls: TLSServerProtocol) -> None:
+        super().__init__()
+        self._tls = tls
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._tls.send(bytes(data))
+
+    def writelines(self, list_of_data: Any) -> None:
+        self._tls.send(b"".join(bytes(d) for d in list_of_data))
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def is_closing(self) -> bool:
+        return self._tls.raw is None or self._tls.raw.is_closing()
+
+    def close(self) -> None:
+        self._tls.close()
+
+    def abort(self) -> None:
+        self._tls.abort()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._tls.extra(name, default)
+
+    def pause_reading(self) -> None:
+        if self._tls.raw is not None:
+            self._tls.raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._tls.raw is not None:
+            self._tls.raw.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._tls.raw is not None and self._tls.raw.is_reading()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if self._tls.raw is not None:
+            self._tls.raw.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self._tls.raw.get_write_buffer_size() if self._tls.raw is not None else 0
+
+
+class TLSServerProtocol(asyncio.Protocol):
+    """One TLS connection: handshake, then plaintext to and from the application protocol."""
+
+    def __init__(self, context: SSL.Context, app_factory: Callable[[], asyncio.Protocol],
+                 handshake_timeout: float, observe: HandshakeObserver) -> None:
+        self._conn = SSL.Connection(context, None)
+        self._conn.set_accept_state()
+        self._app_factory = app_factory
+        self._handshake_timeout = handshake_timeout
+        self._observe = observe
+        self._app: asyncio.Protocol | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._peer_der: bytes | None = None
+        self.raw: asyncio.Transport | None = None
+
+    # --- from the socket ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.raw = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
+        self._timer = asyncio.get_running_loop().call_later(self._handshake_timeout, self._timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        self._conn.bio_write(data)
+        if self._app is None and not self._handshake():
+            return
+        self._deliver()
+
+    def eof_received(self) -> bool | None:
+        if self._app is not None:
+            return self._app.eof_received()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.raw = None
+        if self._app is not None:
+            self._app.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._app is not None:
+            self._app.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._app is not None:
+            self._app.resume_writing()
+
+    # --- TLS ----------------------------------------------------------------------------
+
+    def _handshake(self) -> bool:
+        try:
+            self._conn.do_handshake()
+        except SSL.WantReadError:
+            self._flush()
+            return False
+        except SSL.Error as exc:
+            self._flush()  # the alert tells the client why
+            self._fail("failure", _reason(exc))
+            return False
+        self._flush()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        peer = self._conn.get_peer_certificate()
+        self._peer_der = crypto.dump_certificate(crypto.FILETYPE_ASN1, peer) if peer is not None else None
+        self._observe("success")
+        self._app = self._app_factory()
+        self._app.connection_made(_AppTransport(self))
+        return True
+
+    def _deliver(self) -> None:
+        while self._app is not None and self.raw is not None:
+            try:
+                chunk = self._conn.recv(_READ_SIZE)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:  # the peer's close_notify
+                self._flush()
+                if not self._app.eof_received() and self.raw is not None:
+                    self.raw.close()
+                return
+            except SSL.Error as exc:
+                log.debug("tls_error after handshake reason=%s", _reason(exc))
+                self.abort()
+                return
+            self._app.data_received(chunk)
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.raw is None:
+            return
+        chunks = []
+        while True:
+            try:
+                chunks.append(self._conn.bio_read(_READ_SIZE))
+            except SSL.WantReadError:
+                break
+        if chunks:
+            self.raw.write(b"".join(chunks))
+
+    def _fail(self, outcome: str, reason: str) -> None:
+        log.debug("tls_handshake_refused outcome=%s reason=%s", outcome, reason)
+        self._observe(outcome)
+        if self.raw is not None:
+            self.raw.close()
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._app is None:
+            self._fail("timeout", f"no complete handshake within {self._handshake_timeout:g}s")
+            if self.raw is not None:
+                self.raw.abort()
+
+    # --- from the application -------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        if self.raw is None or self.raw.is_closing():
+            return
+        view = memoryview(data)
+        while view:
+            sent = self._conn.send(view)
+            view = view[sent:]
+        self._flush()
+
+    def close(self) -> None:
+        if self.raw is None or self.raw.is_closing():
+            return
+        try:
+            self._conn.shutdown()  # close_notify
+        except SSL.Error:
+            pass
+        self._flush()
+        self.raw.close()
+
+    def abort(self) -> None:
+        if self.raw is not None:
+            self.raw.abort()
+
+    def extra(self, name: str, default: Any) -> Any:
+        if name == "ssl_object":
+            return _PeerCertificate(self._peer_der)
+        if name == "peercert_der":
+            return self._peer_der
+        if name == "sslcontext":
+            return self._conn.get_context()
+        if name == "cipher":
+            return self._conn.get_cipher_name()
+        return self.raw.get_extra_info(name, default) if self.raw is not None else default
+
+
+class ReloadableOpenSSLContext:
+    """The listener's current context; ``reload`` makes new connections use new files."""
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        self._cfg = cfg
+        self.current = openssl_context(cfg)
+
+    def reload(self) -> None:
+        self.current = openssl_context(self._cfg)  # raises CertError, keeping the old one
+
+
+def tls_protocol_factory(contexts: ReloadableOpenSSLContext, app_factory: Callable[[], asyncio.Protocol],
+                         handshake_timeout: float, observe: HandshakeObserver) -> Callable[[], asyncio.Protocol]:
+    return lambda: TLSServerProtocol(contexts.current, app_factory, handshake_timeout, observe)
