@@ -6,6 +6,8 @@ No label ever carries a token: labels are profile names, slots, routes, operatio
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -14,6 +16,8 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._request_children: dict[tuple[str, str], Any] = {}
+        self._duration_children: dict[str, Any] = {}
         self.token_requests = Counter(
             "broker_token_requests", "Token fetches by profile and outcome.",
             ["profile", "outcome"], registry=registry,
@@ -60,6 +64,19 @@ class Metrics:
         self.revocations_pending = Gauge(
             "broker_revocations_pending", "Token revocations scheduled but not yet done.", registry=registry,
         )
+
+    def count_request(self, profile: str, outcome: str) -> None:
+        """``broker_token_requests_total`` +1; the labelled child is looked up once, not per request."""
+        child = self._request_children.get((profile, outcome))
+        if child is None:
+            child = self._request_children[(profile, outcome)] = self.token_requests.labels(profile, outcome)
+        child.inc()
+
+    def observe_request(self, route: str, seconds: float) -> None:
+        child = self._duration_children.get(route)
+        if child is None:
+            child = self._duration_children[route] = self.request_duration.labels(route)
+        child.observe(seconds)
 
     def record_state(self, profile: str, current_expires: float | None, previous_expires: float | None,
                      generation: int, failures: int) -> None:

@@ -19,6 +19,7 @@ timeout frees its slot.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -29,10 +30,13 @@ from OpenSSL import SSL, crypto
 
 from broker.config import ServerConfig
 from broker.errors import CertError
+from broker.identity import Caller, identities_from_der
 
 log = logging.getLogger("broker.tls")
 
-_READ_SIZE = 256 * 1024
+# pyOpenSSL allocates a buffer of the asked size on every recv/bio_read: ask for one TLS
+# record's worth (16 KiB of plaintext; a little more of ciphertext), not more.
+_READ_SIZE = 17 * 1024
 
 HandshakeObserver = Callable[[str], None]  # outcome: success | failure | timeout
 
@@ -162,6 +166,7 @@ class TLSServerProtocol(asyncio.Protocol):
         self._app: asyncio.Protocol | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._peer_der: bytes | None = None
+        self._caller: Caller | None = None
         self.raw: asyncio.Transport | None = None
 
     # --- from the socket ----------------------------------------------------------------
@@ -214,6 +219,10 @@ class TLSServerProtocol(asyncio.Protocol):
             self._timer = None
         peer = self._conn.get_peer_certificate()
         self._peer_der = crypto.dump_certificate(crypto.FILETYPE_ASN1, peer) if peer is not None else None
+        if self._peer_der is not None:
+            # Once per connection, not per request: the chain and the clientAuth EKU were
+            # verified in the handshake, so keep-alive requests only look this up.
+            self._caller = Caller(identities_from_der(self._peer_der), hashlib.sha256(self._peer_der).hexdigest())
         self._observe("success")
         self._app = self._app_factory()
         self._app.connection_made(_AppTransport(self))
@@ -243,9 +252,12 @@ class TLSServerProtocol(asyncio.Protocol):
         chunks = []
         while True:
             try:
-                chunks.append(self._conn.bio_read(_READ_SIZE))
+                chunk = self._conn.bio_read(_READ_SIZE)
             except SSL.WantReadError:
                 break
+            chunks.append(chunk)
+            if len(chunk) < _READ_SIZE:
+                break  # a memory BIO hands out all it has: less than asked means it is empty
         if chunks:
             self.raw.write(b"".join(chunks))
 
@@ -292,6 +304,8 @@ class TLSServerProtocol(asyncio.Protocol):
             return _PeerCertificate(self._peer_der)
         if name == "peercert_der":
             return self._peer_der
+        if name == "broker_caller":
+            return self._caller
         if name == "sslcontext":
             return self._conn.get_context()
         if name == "cipher":

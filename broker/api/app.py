@@ -12,19 +12,19 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from broker.api.ratelimit import RateLimiter
-from broker.audit import AuditLog
+from broker.audit import AuditLog, rfc3339
 from broker.clock import Clock
 from broker.config import ProfileConfig
 from broker.metrics import Metrics
 from broker.tokens.families import FamilyManager
-from broker.tokens.model import TokenCache
+from broker.tokens.model import Token, TokenCache
 from broker.tokens.rotator import Rotator
 
 log = logging.getLogger("broker.api")
@@ -34,6 +34,26 @@ ERROR_CODES = {
     406: "not_acceptable", 413: "payload_too_large", 415: "unsupported_media_type", 429: "rate_limited",
     431: "headers_too_large", 500: "internal", 503: "unavailable",
 }
+
+
+class TokenBodies:
+    """The JSON answer to a shared-profile fetch changes only with the token and the whole
+    seconds it has left: render it once per second per profile, not once per request."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[str, int, bytes]] = {}
+
+    def render(self, profile: str, token: Token, now: float) -> bytes:
+        ttl = max(0, int(token.expires_at - now))
+        last = self._last.get(profile)
+        if last is not None and last[0] == token.fp and last[1] == ttl:
+            return last[2]
+        body = json.dumps({
+            "profile": profile, "token": token.value, "expires_at": rfc3339(token.expires_at),
+            "issued_at": rfc3339(token.issued_at), "ttl": ttl, "generation": token.generation,
+        }).encode()
+        self._last[profile] = (token.fp, ttl, body)
+        return body
 
 
 @dataclass(frozen=True)
@@ -48,6 +68,7 @@ class ApiDeps:
     max_body_bytes: int = 64 * 1024
     rate_limiter: RateLimiter | None = None
     families: FamilyManager | None = None
+    token_bodies: TokenBodies = field(default_factory=TokenBodies)
 
 
 DEPS = web.AppKey("deps", ApiDeps)
@@ -118,7 +139,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         log.exception("internal_error route=%s", _route_label(request))
         return error_response(500, "internal error; the broker logged the details")
     finally:
-        deps.metrics.request_duration.labels(_route_label(request)).observe(time.perf_counter() - started)
+        deps.metrics.observe_request(_route_label(request), time.perf_counter() - started)
 
 
 async def _no_store(request: web.Request, response: web.StreamResponse) -> None:

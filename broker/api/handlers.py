@@ -21,21 +21,29 @@ from broker.tokens.model import Token
 from broker.tokens.rotator import Rotator
 
 
-def caller_of(request: web.Request) -> Caller:
-    """Who is calling (from the verified client certificate), once they are within their rate."""
-    der = peer_der(request.transport)
+def _verified_caller(request: web.Request) -> Caller:
+    transport = request.transport
+    known = transport.get_extra_info("broker_caller") if transport is not None else None
+    if known is not None:
+        return known  # type: ignore[no-any-return]  # the openssl engine verified it in the handshake
+    der = peer_der(transport)
     if der is None:
         raise ApiError(403, "a client certificate is required")
     try:
         require_client_auth_eku(der)
     except CertError as exc:
         raise ApiError(403, str(exc)) from None
-    caller = Caller(identities_from_der(der), hashlib.sha256(der).hexdigest())
+    return Caller(identities_from_der(der), hashlib.sha256(der).hexdigest())
+
+
+def caller_of(request: web.Request) -> Caller:
+    """Who is calling (from the verified client certificate), once they are within their rate."""
+    caller = _verified_caller(request)
     deps = request.app[DEPS]
     if deps.rate_limiter is not None:
         wait = deps.rate_limiter.check(caller.fingerprint, deps.clock.monotonic())
         if wait > 0:
-            deps.metrics.token_requests.labels("_any", "rate_limited").inc()
+            deps.metrics.count_request("_any", "rate_limited")
             seconds = max(1, math.ceil(wait))
             raise ApiError(429, f"too many requests from this client certificate; retry in {seconds}s",
                            headers={"Retry-After": str(seconds)})
@@ -50,7 +58,7 @@ def _profile_for(deps: ApiDeps, caller: Caller, name: str) -> tuple[ProfileConfi
     profile = deps.profiles.get(name)
     identity = matching_identity(caller.identities, profile.allow) if profile else None
     if profile is None or identity is None:
-        deps.metrics.token_requests.labels(profile.name if profile else "_unknown", "forbidden").inc()
+        deps.metrics.count_request(profile.name if profile else "_unknown", "forbidden")
         _audit(deps, "token_denied", profile=name if profile else None, identity=caller.primary,
                outcome="denied", reason="not in allow-list" if profile else "unknown profile")
         raise ApiError(403, FORBIDDEN)
@@ -89,17 +97,11 @@ def _retry_after(deps: ApiDeps, rotator: Rotator) -> str:
 
 
 def _unavailable(deps: ApiDeps, rotator: Rotator, detail: str) -> ApiError:
-    deps.metrics.token_requests.labels(rotator.name, "unavailable").inc()
+    deps.metrics.count_request(rotator.name, "unavailable")
     return ApiError(503, f"no valid token for profile {rotator.name} right now ({detail}); retry later",
                     headers={"Retry-After": _retry_after(deps, rotator)})
 
 
-def _token_body(profile: str, token: Token, now: float) -> dict[str, object]:
-    return {
-        "profile": profile, "token": token.value, "expires_at": rfc3339(token.expires_at),
-        "issued_at": rfc3339(token.issued_at), "ttl": max(0, int(token.expires_at - now)),
-        "generation": token.generation,
-    }
 
 
 async def get_token(request: web.Request) -> web.Response:
@@ -120,10 +122,10 @@ async def get_token(request: web.Request) -> web.Response:
         raise _unavailable(deps, rotator, "the last token expired and Vault has not given a new one")
     _audit(deps, "token_served", profile=profile.name, identity=identity, generation=token.generation,
            token_fp=token.fp)
-    deps.metrics.token_requests.labels(profile.name, "served").inc()
+    deps.metrics.count_request(profile.name, "served")
     if "text/plain" in request.headers.get("Accept", ""):
         return web.Response(text=token.value, content_type="text/plain")
-    return web.json_response(_token_body(profile.name, token, now))
+    return web.Response(body=deps.token_bodies.render(profile.name, token, now), content_type="application/json")
 
 
 async def list_tokens(request: web.Request) -> web.Response:

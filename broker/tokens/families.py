@@ -221,7 +221,7 @@ class FamilyManager:
         self._wake.set()
         issued = Issued(family, token, refresh_token)
         self._last_issued[family_id] = issued
-        self._metrics.token_requests.labels(profile.name, "family_created").inc()
+        self._metrics.count_request(profile.name, "family_created")
         log.info("family_created profile=%s family=%s identity=%s token_fp=%s", profile.name, family_id, identity,
                  token.fp)
         self._record("family_created", profile=profile.name, identity=identity, generation=1, token_fp=token.fp,
@@ -241,7 +241,7 @@ class FamilyManager:
             profile = self._profiles[family.profile]
             verdict = judge(family, refresh_hash(refresh_token), caller.fingerprint, now, profile.reuse_interval)
             if verdict is Verdict.INVALID:
-                self._metrics.token_requests.labels(profile.name, "refresh_invalid").inc()
+                self._metrics.count_request(profile.name, "refresh_invalid")
                 raise RefreshRejected("refresh_token_invalid", "unknown refresh token, or its family has ended")
             if verdict is Verdict.REUSE:
                 await self._reuse_detected(family, caller)
@@ -251,7 +251,7 @@ class FamilyManager:
                                       "this client certificate is no longer allowed for the family's profile")
             last = self._last_issued.get(family_id)
             if verdict is Verdict.RETRY and last is not None and last.family.generation == family.generation:
-                self._metrics.token_requests.labels(profile.name, "refresh_retried").inc()
+                self._metrics.count_request(profile.name, "refresh_retried")
                 return last  # a retried request: the same pair again, no new mint
             return await self._rotate(family, profile, caller)
 
@@ -275,7 +275,7 @@ class FamilyManager:
         self._persist()
         issued = Issued(updated, token, refresh_token)
         self._last_issued[family.id] = issued
-        self._metrics.token_requests.labels(profile.name, "refreshed").inc()
+        self._metrics.count_request(profile.name, "refreshed")
         log.info("family_refreshed profile=%s family=%s generation=%d token_fp=%s", profile.name, family.id,
                  generation, token.fp)
         self._record("family_refreshed", profile=profile.name, identity=caller.primary, generation=generation,
@@ -286,7 +286,7 @@ class FamilyManager:
         log.warning("reuse_detected profile=%s family=%s presenter=%s owner=%s", family.profile, family.id,
                     caller.primary, family.owner_identity)
         self._metrics.reuse_detected.labels(family.profile).inc()
-        self._metrics.token_requests.labels(family.profile, "refresh_reused").inc()
+        self._metrics.count_request(family.profile, "refresh_reused")
         self._record("reuse_detected", profile=family.profile, identity=caller.primary, generation=family.generation,
                      token_fp=family.current.token_fp, outcome="denied", reason="refresh token presented again",
                      family=family.id, owner_identity=family.owner_identity,
