@@ -278,6 +278,16 @@ grace = "30s"
 rotate_after = "60s"
 check_interval = "15s"
 allow = ["cn:job", "uri:spiffe://ci.example/runner/*"]
+
+[profiles.release]                  # per-job: token families with refresh-token rotation
+mode = "per-job"
+token_role = "release"
+policies = ["release"]
+ttl = "5m"
+grace = "30s"
+reuse_interval = "30s"
+family_max_age = "1h"
+allow = ["cn:job"]
 """
 
 
@@ -292,7 +302,8 @@ def prepare_dev_dir(directory: Path, server: OpenBaoDevServer, port: int, ops_po
         if not (cert_dir / f"{name}.pem").exists():
             certs.issue_client(cert_dir, name, uris=uris, force=True)
     setup_token_role(server, "demo", ["demo"])
-    setup_approle(server, ["demo"], directory / "secrets")
+    setup_token_role(server, "release", ["release"])
+    setup_approle(server, ["demo", "release"], directory / "secrets")
     config = directory / "broker.toml"
     write_atomic(config, DEV_CONFIG.format(port=port, ops_port=ops_port, vault_address=server.address).encode(),
                  mode=0o600)
@@ -313,6 +324,11 @@ Ctrl-C stops both. In another shell:
   export BROKER_URL=https://localhost:{port} BROKER_CA={c}/ca.pem BROKER_CERT={c}/job.pem BROKER_KEY={c}/job.key
   {exe} get demo
   curl {tls} https://localhost:{port}/v1/tokens/demo
+
+  # a per-job token family (refresh token kept in a 0600 file), refreshed, then released
+  {exe} get release --refresh-file /tmp/release.refresh
+  {exe} refresh --refresh-file /tmp/release.refresh
+  {exe} release --refresh-file /tmp/release.refresh
 
   # rotate it now as the operator (admin cert)
   curl {ops_tls} -X POST https://localhost:{port}/v1/tokens/demo/rotate

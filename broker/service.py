@@ -183,6 +183,12 @@ def build(config: Config, clock: Clock | None = None, registry: CollectorRegistr
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     metrics.vault_authenticated.set(0)
     metrics.revocations_pending.set(0)
+    for profile in config.profiles.values():
+        # Series exist from the start at 0, so increase() and alerts see the first event.
+        if profile.mode == "per-job":
+            metrics.reuse_detected.labels(profile.name)
+        for outcome in ("success", "failure", "rolled_back"):
+            metrics.rotations.labels(profile.name, outcome)
     audit = AuditLog(config.audit.path, clock, refuse_on_failure=config.audit.on_failure == "refuse")
     store = StateStore(config.state.dir)
     vcfg = config.vault
