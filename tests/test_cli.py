@@ -162,6 +162,10 @@ async def test_get_env_defaults_to_vault_token(b: RunningBroker) -> None:
 
 async def test_get_output_writes_a_0600_file_and_nothing_to_stdout(b: RunningBroker, tmp_path: Path) -> None:
     target = tmp_path / "sub" / "token.txt"
+    missing = await broker_cli("get", "demo", "--output", str(target), env=job_env(b))
+    assert_one_line_error(missing, 1, "cannot write", "No such directory")  # a typo creates nothing
+    assert not target.parent.exists()
+    target.parent.mkdir()
     run = await get_ok(b, "demo", "--output", str(target))
     assert run.out == ""
     assert stat.S_IMODE(target.stat().st_mode) == 0o600

@@ -84,7 +84,8 @@ class AppRoleAuth:
         # Vault has no secret_id → role lookup; our own login's metadata is the one place that
         # names the role, so rotation waits for a first login with this method.
         self._role_name: str | None = None
-        # Accessors of secret_ids we replaced but could not destroy yet (Vault was away).
+        # Accessors of secret_ids to destroy: replaced ones Vault could not be told about yet,
+        # and a new one until it has proven itself and is in the file.
         self._to_destroy: list[str] = []
 
     async def login(self, vault: VaultClient) -> Login:
@@ -111,6 +112,7 @@ class AppRoleAuth:
 
     @property
     def destroys_pending(self) -> bool:
+        """Replaced or discarded secret_ids not destroyed yet (or a replacement under way)."""
         return bool(self._to_destroy)
 
     async def replace_secret_id(self, vault: VaultClient) -> tuple[Login, str]:
@@ -128,14 +130,13 @@ class AppRoleAuth:
         role_id = _read_secret(self._role_id_file, "role_id")
         old = _read_secret(self._secret_id_file, "secret_id")
         new = await vault.create_secret_id(self._mount, role)
-        try:
-            old_accessor = await vault.secret_id_accessor(self._mount, role, old)
-            login = await vault.login_approle(self._mount, role_id, new.secret_id)
-            write_atomic(self._secret_id_file, (new.secret_id + "\n").encode(), mode=0o600)
-        except (VaultError, OSError):
-            # The file still holds the old secret_id, which still works; the new one must not linger.
-            self._to_destroy.append(new.accessor)
-            raise
+        # Until it has logged in and is in the file, the new one is the one to throw away: if
+        # anything below fails, the file still holds the old secret_id, which still works.
+        self._to_destroy.append(new.accessor)
+        old_accessor = await vault.secret_id_accessor(self._mount, role, old)
+        login = await vault.login_approle(self._mount, role_id, new.secret_id)
+        write_atomic(self._secret_id_file, (new.secret_id + "\n").encode(), mode=0o600)
+        self._to_destroy.remove(new.accessor)
         if old_accessor is not None:
             self._to_destroy.append(old_accessor)
         return login, new.accessor
@@ -291,6 +292,7 @@ class Authenticator:
             method, login = await self._first_working(self._methods)
         except VaultError as exc:
             self._set_login(None, None)
+            self._plan_preferred_retry(fresh_fallback=True)  # nothing to come back from
             self.last_error = str(exc)
             raise
         self._adopt(method, login)
@@ -403,7 +405,7 @@ class Authenticator:
         await self._login_until_success()
 
     async def _rotation_step(self) -> None:
-        """Replace the AppRole secret_id if it is due, then destroy what it replaced.
+        """Replace the AppRole secret_id if it is due, then destroy what it replaced or discarded.
 
         Failures back off (full jitter, 1 s up to 5 min) and never touch the current login.
         Rotation calls go straight to Vault, not through ``call``: a 403 here usually means
@@ -412,21 +414,28 @@ class Authenticator:
         method = self._rotating()
         if method is None:
             return
-        try:
-            due = method.secret_id_due_at()
-            if due is not None and due <= self._clock.now():
+        error: VaultError | OSError | None = None
+        due = method.secret_id_due_at()
+        if due is not None and due <= self._clock.now():
+            try:
                 login, accessor = await method.replace_secret_id(self._vault)
+            except (VaultError, OSError) as exc:
+                error = exc
+            else:
                 self._set_login(login, method)
                 log.info("secret_id_rotated method=approle accessor_fp=%s ttl=%ss", fingerprint(accessor),
                          int(login.ttl))
                 self._record("secret_id_rotated", method="approle", accessor_fp=fingerprint(accessor))
+        try:
             await method.destroy_replaced(self._vault)
-        except (VaultError, OSError) as exc:
-            self._rotation_failures += 1
-            delay = policy.backoff_delay(self._rotation_failures, self._rng.random(), self._clock.now(), None)
-            self.rotation_retry_at = self._clock.now() + delay
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            log.warning("secret_id_rotation_failed method=approle error=%s retry_in=%.1fs", reason, delay)
+        except VaultError as exc:
+            error = error or exc
+        if error is None:
+            self._rotation_failures = 0
+            self.rotation_retry_at = None
             return
-        self._rotation_failures = 0
-        self.rotation_retry_at = None
+        self._rotation_failures += 1
+        delay = policy.backoff_delay(self._rotation_failures, self._rng.random(), self._clock.now(), None)
+        self.rotation_retry_at = self._clock.now() + delay
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        log.warning("secret_id_rotation_failed method=approle error=%s retry_in=%.1fs", reason, delay)

@@ -44,7 +44,7 @@ class Login:
     ttl: float
     renewable: bool
     # The auth method's metadata (AppRole: role_name, which no other call tells us).
-    meta: dict[str, str] = field(default_factory=dict)
+    meta: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -93,12 +93,12 @@ def classify(operation: str, exc: BaseException) -> VaultError:
         return VaultUnavailable(operation, "timed out waiting for Vault")
     if isinstance(exc, requests.exceptions.ConnectionError):
         return VaultUnavailable(operation, "cannot connect to Vault")
-    if isinstance(exc, (hx.VaultDown, hx.InternalServerError, hx.BadGateway, hx.RateLimitExceeded)):
-        return VaultUnavailable(operation, _message(exc))
     msg = _message(exc)
     # OpenBao answers 500 for an accessor it does not know; that is "already gone", not an outage.
     if operation == "destroy_secret_id" and "failed to find accessor entry" in msg:
         return TokenInvalid(operation, "secret_id accessor is not known to Vault")
+    if isinstance(exc, (hx.VaultDown, hx.InternalServerError, hx.BadGateway, hx.RateLimitExceeded)):
+        return VaultUnavailable(operation, msg)
     is_login = operation.startswith("login")
     if is_login and isinstance(exc, (hx.InvalidRequest, hx.Forbidden, hx.Unauthorized, hx.InvalidPath)):
         return AuthRejected(operation, msg)
@@ -188,7 +188,8 @@ class VaultClient:
         def call() -> dict[str, Any]:
             client = self._new_hvac(cert=(cert_file, key_file))
             try:
-                path = f"auth/{mount}/login"
+                # The adapter takes the full API path; without /v1 OpenBao answers 404.
+                path = f"/v1/auth/{mount}/login"
                 return client.adapter.post(path, json={"name": role} if role else {})
             finally:
                 client.adapter.close()
