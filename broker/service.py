@@ -150,7 +150,7 @@ class Broker:
         self.store.prepare()
         self.revocations.load()
         for rotator in self.rotators.values():
-            rotator.restore()
+            await rotator.restore()
         if self.families is not None:
             self.families.load()
         try:

@@ -159,8 +159,8 @@ class FamilyManager:
     def families(self) -> tuple[Family, ...]:
         return tuple(self._families.values())
 
-    def _persist(self) -> None:
-        self._store.save_families([f.to_json() for f in self._families.values()])
+    async def _persist(self) -> None:
+        await self._store.save_families([f.to_json() for f in self._families.values()])
 
     def _record(self, event: str, **fields: object) -> None:
         """Audit a family event; refusing here would leave Vault and our state out of step."""
@@ -200,7 +200,7 @@ class FamilyManager:
         try:
             await self._revocations.revoke(entry, reason)
         except VaultError:
-            self._revocations.schedule(entry)  # the queue retries until Vault confirms
+            await self._revocations.schedule(entry)  # the queue retries until Vault confirms
 
     # --- the three operations --------------------------------------------------------------
 
@@ -217,7 +217,7 @@ class FamilyManager:
             current=LiveToken(token.accessor, 1, token.fp, token.expires_at), current_hash=refresh_hash(refresh_token),
         )
         self._families[family_id] = family
-        self._persist()
+        await self._persist()
         self._wake.set()
         issued = Issued(family, token, refresh_token)
         self._last_issued[family_id] = issued
@@ -261,7 +261,7 @@ class FamilyManager:
         refresh_token = new_refresh_token(family.id)
         now = self._clock.now()
         old = family.current
-        self._revocations.schedule(PendingRevocation(
+        await self._revocations.schedule(PendingRevocation(
             accessor=old.accessor, profile=profile.name, generation=old.generation, token_fp=old.token_fp,
             revoke_at=min(now + profile.grace, old.expires_at), family=family.id,
         ))
@@ -272,7 +272,7 @@ class FamilyManager:
             spent_hashes=family.spent_hashes + older,
         )
         self._families[family.id] = updated
-        self._persist()
+        await self._persist()
         issued = Issued(updated, token, refresh_token)
         self._last_issued[family.id] = issued
         self._metrics.count_request(profile.name, "refreshed")
@@ -306,7 +306,7 @@ class FamilyManager:
         """Revoke every Vault token of the family (current and those in grace) and forget it."""
         self._families.pop(family.id, None)
         self._last_issued.pop(family.id, None)
-        self._persist()
+        await self._persist()
         await self._revoke_now(family.current, family.profile, family.id, reason)
         try:
             await self._revocations.revoke_family_now(family.id, reason)

@@ -52,20 +52,20 @@ class RevocationQueue:
     def pending(self) -> tuple[PendingRevocation, ...]:
         return tuple(self._pending)
 
-    def schedule(self, entry: PendingRevocation) -> None:
+    async def schedule(self, entry: PendingRevocation) -> None:
         self._pending.append(entry)
-        self._persist()
+        await self._persist()
         self._wake.set()
 
-    def _done(self, entry: PendingRevocation) -> None:
+    async def _done(self, entry: PendingRevocation) -> None:
         # Both the timer and an admin revoke may finish the same entry; the second is a no-op.
         if entry in self._pending:
             self._pending.remove(entry)
-            self._persist()
+            await self._persist()
 
-    def _persist(self) -> None:
-        self._store.save_revocations(self._pending)
+    async def _persist(self) -> None:
         self._metrics.revocations_pending.set(len(self._pending))
+        await self._store.save_revocations(list(self._pending))
 
     async def revoke(self, entry: PendingRevocation, reason: str) -> None:
         """Revoke one token now; raises VaultError (retryable or not) if Vault did not confirm."""
@@ -92,19 +92,19 @@ class RevocationQueue:
                             entry.profile, entry.generation, exc)
                 return
             self._failures = 0
-            self._done(entry)
+            await self._done(entry)
 
     async def revoke_profile_now(self, profile: str, reason: str) -> None:
         """Incident response: everything still pending for ``profile`` is revoked at once."""
         for entry in [e for e in self._pending if e.profile == profile]:
             await self.revoke(entry, reason)
-            self._done(entry)
+            await self._done(entry)
 
     async def revoke_family_now(self, family: str, reason: str) -> None:
         """A family ended (released, reused, expired): its tokens in grace go too."""
         for entry in [e for e in self._pending if e.family == family]:
             await self.revoke(entry, reason)
-            self._done(entry)
+            await self._done(entry)
 
     def _next_delay(self) -> float:
         now = self._clock.now()

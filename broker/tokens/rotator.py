@@ -93,7 +93,7 @@ class Rotator:
         except AuditUnavailable:
             pass  # readiness reports a broken audit log; rotation must go on regardless
 
-    def restore(self) -> None:
+    async def restore(self) -> None:
         """After a restart: continue the generation count and retire the token we last served.
 
         Its value was never written to disk, so it cannot be served again; jobs that hold it
@@ -105,7 +105,7 @@ class Rotator:
         self._generation = record.generation
         now = self._clock.now()
         if record.expires_at > now:
-            self._revocations.schedule(PendingRevocation(
+            await self._revocations.schedule(PendingRevocation(
                 accessor=record.accessor, profile=self.name, generation=record.generation,
                 token_fp=record.token_fp, revoke_at=min(now + self.profile.grace, record.expires_at),
             ))
@@ -159,7 +159,7 @@ class Rotator:
             await self._roll_back(token, exc)
             raise
         try:
-            self._swap_in(token, reason)
+            await self._swap_in(token, reason)
         except OSError as exc:  # the state dir cannot be written: a token we cannot retire is not served
             await self._roll_back(token, exc)
             raise VaultUnavailable("rotate", f"cannot persist state: {exc.strerror or exc}") from None
@@ -174,15 +174,15 @@ class Rotator:
         try:
             await self._revocations.revoke(entry, "rolled_back")
         except VaultError:
-            self._revocations.schedule(entry)  # retried with backoff until Vault confirms
+            await self._revocations.schedule(entry)  # retried with backoff until Vault confirms
         self._metrics.rotations.labels(self.name, "rolled_back").inc()
         self._record("rotation_rolled_back", generation=token.generation, token_fp=token.fp,
                      outcome="failure", reason=str(exc))
         self._failed(exc, "verify", count_metric=False)
 
-    def _swap_in(self, token: Token, reason: str) -> None:
+    async def _swap_in(self, token: Token, reason: str) -> None:
         # Persist first: if that fails nothing has changed, and the caller rolls the new token back.
-        self._store.set_issued(self.name, IssuedRecord(
+        await self._store.set_issued(self.name, IssuedRecord(
             accessor=token.accessor, generation=token.generation, token_fp=token.fp, expires_at=token.expires_at,
         ))
         now = self._clock.now()
@@ -190,7 +190,7 @@ class Rotator:
         grace_until = None
         if previous is not None and previous.expires_at > now:
             grace_until = policy.grace_until(now, self.profile.grace, previous)
-            self._revocations.schedule(self._pending(previous, grace_until))
+            await self._revocations.schedule(self._pending(previous, grace_until))
         else:
             previous = None
         self._retry_at = None
