@@ -64,6 +64,7 @@ def openssl_context(cfg: ServerConfig) -> SSL.Context:
     ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_options(SSL.OP_NO_TICKET)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)  # an idle keep-alive connection holds no record buffers
     try:
         ctx.set_tls13_ciphersuites(":".join(cfg.tls13_ciphersuites).encode())
     except SSL.Error:

@@ -127,7 +127,7 @@ def readme_gaps() -> tuple[set[str], set[str]]:
 
 
 # The README lags the code here (secret_id rotation is new); the lead updates README.
-KNOWN_README_GAPS = {"vault.auth.rotate_secret_id"}
+KNOWN_README_GAPS: set[str] = set()
 
 
 def test_readme_config_reference_shows_only_real_keys() -> None:
@@ -136,9 +136,6 @@ def test_readme_config_reference_shows_only_real_keys() -> None:
     assert missing <= KNOWN_README_GAPS, f"README's configuration reference misses {sorted(missing)}"
 
 
-@pytest.mark.xfail(strict=True, reason="README's configuration reference does not document [[vault.auth]] "
-                                       "rotate_secret_id (approle) yet; when it does, this passes: drop the "
-                                       "marker and KNOWN_README_GAPS")
 def test_readme_config_reference_mentions_every_accepted_key() -> None:
     missing, _ = readme_gaps()
     assert not missing, f"README's configuration reference misses {sorted(missing)}"
