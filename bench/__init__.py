@@ -1,0 +1,1 @@
+"""Side-by-side benchmark of the broker and ``bao proxy``; see bench/README.md."""

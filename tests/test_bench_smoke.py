@@ -1,0 +1,52 @@
+"""The benchmark harness (bench/run.py) runs end to end with tiny durations and produces its table.
+
+No performance number is asserted here (DESIGN §8: benchmarks live in bench/, not in timed
+tests); only that one run starts OpenBao, the broker and bao proxy, measures every row, writes
+bench/results.md's table, and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.run import ROWS
+
+pytestmark = pytest.mark.load
+
+ROOT = Path(__file__).resolve().parent.parent
+SIDE_BY_SIDE = 11  # the first rows have a broker and a bao proxy value; the rest are the broker's alone
+
+
+def table(text: str) -> list[list[str]]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| metric | broker | bao proxy |"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_quick_run_produces_every_row(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "bench.run", "--quick", "--seconds", "0.5", "--warmup", "0.1",
+            "--connections", "4", "--fresh-concurrency", "2", "--idle-connections", "20",
+            "--rotation-seconds", "4", "--rotation-ttl", "6", "--rotation-after", "2", "--rotation-grace", "2.5",
+            "--rotation-rate", "100", "--rotation-connections", "2",
+            "--output-dir", str(tmp_path), "--no-plot", "--timeout", "150"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    rows = table((tmp_path / "results.md").read_text())
+    assert len(rows) == len(ROWS), rows
+    for cells in rows:
+        assert len(cells) == 5 and cells[0] and cells[1], cells
+    for cells in rows[:SIDE_BY_SIDE]:
+        assert "n/a" not in cells[1:4], cells  # both servers were measured
+    assert rows[-1][0].startswith("p99 around a rotation")
+    assert table(done.stdout) == rows  # the same table on stdout
+    assert not (tmp_path / "latency.png").exists()  # --no-plot
