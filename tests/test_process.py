@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import ssl
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -69,3 +70,19 @@ async def test_serve_reloads_cert_on_sighup_and_exits_cleanly_on_sigterm(
         assert token_is_valid(openbao, token), "a clean stop does not revoke tokens jobs still hold"
     finally:
         await serve.stop()
+
+
+async def test_serve_refuses_to_start_with_a_group_readable_secret(
+    tmp_path: Path, pki: Pki, openbao: OpenBaoDevServer
+) -> None:
+    serve = serve_config(tmp_path, pki, openbao, "perms", {"ttl": "30s", "grace": "5s", "rotate_after": "20s"})
+    secret_id = tmp_path / "secrets" / "secret_id"
+    secret_id.chmod(0o640)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "broker", "serve", "--config", str(serve.config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=20)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 2 and out == b""
+    assert len(lines) == 1 and "secret_id" in lines[0] and "chmod 600" in lines[0], lines
+    assert "Traceback" not in err.decode()
