@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from broker import certs, tls
 from broker.clock import Clock
-from broker.config import load_config
+from broker.config import Config, load_config
 from broker.devserver import OpenBaoDevServer, setup_approle, setup_token_role
 from broker.service import Broker, build
 
@@ -270,6 +270,24 @@ class RunningBroker:
             await asyncio.wait_for(self.task, timeout=20)
 
 
+async def run_config(config: Config, directory: Path, pki: Pki, vault: OpenBaoDevServer, roles: dict[str, str],
+                     clock: Clock | None = None) -> RunningBroker:
+    """Build a broker from ``config`` and run it in this event loop until its listeners are up."""
+    broker = build(config, clock=clock, registry=CollectorRegistry())
+    started = asyncio.Event()
+    stop = asyncio.Event()
+    task = asyncio.create_task(broker.run(stop, on_started=lambda _: started.set()))
+    waiter = asyncio.create_task(started.wait())
+    await asyncio.wait({task, waiter}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()  # raise the start-up failure
+    running = RunningBroker(broker, directory, pki, vault, stop, task, roles)
+    for entry in config.vault.auth:
+        if entry.secret_id_file is not None and entry.secret_id_file.exists():
+            running.seen_secrets.add(entry.secret_id_file.read_text().strip())
+    return running
+
+
 @dataclass
 class BrokerFactory:
     """Starts brokers with unique OpenBao roles; stops them and scans for leaks at teardown."""
@@ -317,21 +335,10 @@ class BrokerFactory:
         }
         config = load_config(write_config(directory, self.pki, vault_address or vault.address, auth, full, extra,
                                           audit_on_failure=audit_on_failure, server_extra=server_extra))
-        broker = build(config, clock=clock, registry=CollectorRegistry())
-        started = asyncio.Event()
-        stop = asyncio.Event()
-        task = asyncio.create_task(broker.run(stop, on_started=lambda _: started.set()))
-        waiter = asyncio.create_task(started.wait())
-        await asyncio.wait({task, waiter}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            task.result()  # raise the start-up failure
-        running = RunningBroker(broker, directory, self.pki, vault, stop, task, roles)
-        for entry in config.vault.auth:
-            if entry.secret_id_file is not None:
-                running.seen_secrets.add(entry.secret_id_file.read_text().strip())
+        running = await run_config(config, directory, self.pki, vault, roles, clock=clock)
         self.started.append(running)
         if wait_ready:
-            await running.wait_for(lambda: all(s.current is not None for s in broker.cache.all()),
+            await running.wait_for(lambda: all(s.current is not None for s in running.broker.cache.all()),
                                    what="a first token for every profile")
         return running
 

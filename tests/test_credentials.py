@@ -14,7 +14,6 @@ from typing import Any
 
 import hvac
 import pytest
-from prometheus_client import CollectorRegistry
 
 import broker.vault.auth as auth_module
 from broker import certs
@@ -28,10 +27,9 @@ from broker.devserver import (
     write_secret,
 )
 from broker.errors import AuthRejected, TokenInvalid, VaultUnavailable
-from broker.service import build
 from broker.tokens.model import fingerprint
 from broker.vault.client import NewSecretId, VaultClient, classify
-from tests.conftest import DEFAULT_PROFILE, BrokerFactory, RunningBroker, write_config
+from tests.conftest import DEFAULT_PROFILE, BrokerFactory, RunningBroker, run_config, write_config
 from tests.fakes import FakeClock
 
 # --- helpers ------------------------------------------------------------------------------
@@ -329,17 +327,11 @@ async def _start_with_vault_ca(brokers: BrokerFactory, server: OpenBaoDevServer,
     path.write_text(path.read_text().replace("[vault]\n", f'[vault]\nca_cert = "{server.ca_cert}"\n', 1))
     config = load_config(path)
     assert config.vault.ca_cert == server.ca_cert
-    broker = build(config, registry=CollectorRegistry())
-    started, stop = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(broker.run(stop, on_started=lambda _: started.set()))
-    waiter = asyncio.create_task(started.wait())
-    await asyncio.wait({task, waiter}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        task.result()
-    running = RunningBroker(broker, directory, brokers.pki, server, stop, task, roles)
+    running = await run_config(config, directory, brokers.pki, server, roles)
     brokers.started.append(running)  # the factory stops it and scans it for leaks
-    await running.wait_for(lambda: broker.cache.get("demo") is not None and broker.cache.get("demo").current
-                           is not None, what="a first token")
+    cache = running.broker.cache
+    await running.wait_for(lambda: cache.get("demo") is not None and cache.get("demo").current is not None,
+                           what="a first token")
     return running
 
 

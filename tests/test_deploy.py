@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -28,12 +27,10 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import yaml
-from prometheus_client import CollectorRegistry
 
 from broker.config import check_config, load_config
 from broker.devserver import OpenBaoDevServer
-from broker.service import build
-from tests.conftest import Pki, RunningBroker, assert_no_leaks, token_is_valid
+from tests.conftest import Pki, RunningBroker, assert_no_leaks, run_config, token_is_valid
 from tests.test_examples import BIN, Ran, Shell, assert_tokens_hidden, clean_env, run
 
 MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
@@ -404,19 +401,10 @@ async def serving(config_path: Path, vault: OpenBaoDevServer, pki: Pki,
                   log_lines: list[str]) -> AsyncIterator[RunningBroker]:
     """``broker serve`` of this config in this event loop, leak-scanned when it stops."""
     config = load_config(config_path)
-    broker = build(config, registry=CollectorRegistry())
-    started, stop = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(broker.run(stop, on_started=lambda _: started.set()))
-    waiter = asyncio.create_task(started.wait())
-    await asyncio.wait({task, waiter}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        task.result()
-    running = RunningBroker(broker, config_path.parent, pki, vault, stop, task, {})
-    for entry in config.vault.auth:
-        if entry.secret_id_file is not None:
-            running.seen_secrets.add(entry.secret_id_file.read_text().strip())
+    running = await run_config(config, config_path.parent, pki, vault, {})
     try:
-        await running.wait_for(lambda: all(s.current is not None for s in broker.cache.all()), what="a first token")
+        await running.wait_for(lambda: all(s.current is not None for s in running.broker.cache.all()),
+                               what="a first token")
         yield running
     finally:
         await running.shutdown()

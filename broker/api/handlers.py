@@ -17,7 +17,6 @@ from broker.identity import Caller, identities_from_der
 from broker.tls import peer_der, require_client_auth_eku
 from broker.tokens import policy
 from broker.tokens.families import MAX_REFRESH_TOKEN_LENGTH, FamilyManager, Issued
-from broker.tokens.model import Token
 from broker.tokens.rotator import Rotator
 
 
