@@ -114,5 +114,6 @@ async def test_restart_performs_pending_revocations(brokers: BrokerFactory) -> N
                          what="the pre-restart current token to be retired after grace")
     third = await again.get_token()
     assert third["generation"] == 3, "generations continue across a restart"
-    assert again.metric("broker_revocations_pending") == 0
+    await again.wait_for(lambda: again.metric("broker_revocations_pending") == 0, timeout=5,
+                         what="the queue to record the revocations")
     again.seen_secrets |= b.seen_secrets
