@@ -177,7 +177,12 @@ class TLSServerProtocol(asyncio.Protocol):
         self._timer = asyncio.get_running_loop().call_later(self._handshake_timeout, self._timed_out)
 
     def data_received(self, data: bytes) -> None:
-        self._conn.bio_write(data)
+        try:
+            self._conn.bio_write(data)
+        except SSL.Error as exc:  # bytes after a fatal alert or shutdown: nothing more to say
+            log.debug("tls_error reason=%s", _reason(exc))
+            self.abort()
+            return
         if self._app is None and not self._handshake():
             return
         self._deliver()
