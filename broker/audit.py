@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import stat
-from datetime import datetime, timezone
+import time
 from pathlib import Path
 
 from broker.clock import Clock
@@ -28,7 +28,9 @@ EVENTS = frozenset({
 
 
 def rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """UTC with milliseconds, e.g. 2026-11-26T01:55:27.123Z (on every audit line: kept cheap)."""
+    seconds = int(ts)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int((ts - seconds) * 1000):03d}Z"
 
 
 def repair_torn_tail(path: Path) -> bool:

@@ -18,10 +18,12 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from broker.api.authz import matching_identity
 from broker.api.ratelimit import RateLimiter
 from broker.audit import AuditLog, rfc3339
 from broker.clock import Clock
 from broker.config import ProfileConfig
+from broker.identity import Caller
 from broker.metrics import Metrics
 from broker.tokens.families import FamilyManager
 from broker.tokens.model import Token, TokenCache
@@ -56,6 +58,24 @@ class TokenBodies:
         return body
 
 
+class Grants:
+    """Which of a caller's identities the allow-list of a profile admits, remembered per
+    certificate: the glob matching is pure, and a job asks for the same profile again and again."""
+
+    LIMIT = 10_000  # distinct (certificate, profile) pairs kept before starting over
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, str], str | None] = {}
+
+    def identity(self, caller: Caller, profile: ProfileConfig) -> str | None:
+        key = (caller.fingerprint, profile.name)
+        if key not in self._known:
+            if len(self._known) >= self.LIMIT:
+                self._known.clear()
+            self._known[key] = matching_identity(caller.identities, profile.allow)
+        return self._known[key]
+
+
 @dataclass(frozen=True)
 class ApiDeps:
     profiles: Mapping[str, ProfileConfig]
@@ -69,6 +89,7 @@ class ApiDeps:
     rate_limiter: RateLimiter | None = None
     families: FamilyManager | None = None
     token_bodies: TokenBodies = field(default_factory=TokenBodies)
+    grants: Grants = field(default_factory=Grants)
 
 
 DEPS = web.AppKey("deps", ApiDeps)

@@ -55,7 +55,7 @@ FORBIDDEN = "this client certificate may not fetch that profile (unknown profile
 def _profile_for(deps: ApiDeps, caller: Caller, name: str) -> tuple[ProfileConfig, str]:
     """The profile and the identity that grants it; the same 403 for unknown and forbidden."""
     profile = deps.profiles.get(name)
-    identity = matching_identity(caller.identities, profile.allow) if profile else None
+    identity = deps.grants.identity(caller, profile) if profile else None
     if profile is None or identity is None:
         deps.metrics.count_request(profile.name if profile else "_unknown", "forbidden")
         _audit(deps, "token_denied", profile=name if profile else None, identity=caller.primary,
@@ -73,6 +73,8 @@ def _audit(deps: ApiDeps, event: str, **fields: object) -> None:
 
 
 def _min_ttl(request: web.Request, profile: ProfileConfig) -> float:
+    if not request.query_string:
+        return 0.0  # the common case: no query to parse
     raw = request.query.get("min_ttl")
     if raw is None:
         return 0.0
