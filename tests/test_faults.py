@@ -117,3 +117,20 @@ async def test_restart_performs_pending_revocations(brokers: BrokerFactory) -> N
     await again.wait_for(lambda: again.metric("broker_revocations_pending") == 0, timeout=5,
                          what="the queue to record the revocations")
     again.seen_secrets |= b.seen_secrets
+
+
+async def test_fetches_during_an_outage_do_not_call_vault(brokers: BrokerFactory, proxy: TcpProxy) -> None:
+    """With no valid token, requests get 503 at once; the rotator's backoff alone paces Vault."""
+    proxy.cut()
+    b = await brokers.start({"demo": {"check_interval": "5s"}}, vault_address=proxy.address, wait_ready=False)
+    await b.wait_for(lambda: b.broker.cache.get("demo").consecutive_failures >= 1, what="a failed first mint")
+    creates = lambda: sum(  # noqa: E731
+        b.metric("broker_vault_requests_total", operation="create_token", outcome=o) or 0
+        for o in ("unavailable", "success"))
+    logins = lambda: b.metric("broker_vault_requests_total", operation="login_approle", outcome="unavailable") or 0  # noqa: E731
+    before = creates() + logins()
+    for _ in range(20):
+        status, body, _ = await b.request("GET", "/v1/tokens/demo")
+        assert status == 503 and body["error"] == "unavailable"
+    assert creates() + logins() - before <= 2, "20 fetches did not turn into 20 Vault calls"
+    proxy.heal()

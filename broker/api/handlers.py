@@ -103,8 +103,6 @@ def _unavailable(deps: ApiDeps, rotator: Rotator, detail: str) -> ApiError:
                     headers={"Retry-After": _retry_after(deps, rotator)})
 
 
-
-
 async def get_token(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
     caller = caller_of(request)

@@ -229,12 +229,24 @@ class Rotator:
     # --- serving helpers -------------------------------------------------------------
 
     async def token_with(self, min_ttl: float) -> Token:
-        """A token with at least ``min_ttl`` seconds left, rotating early (shared) if needed."""
+        """A token with at least ``min_ttl`` seconds left, rotating early if needed.
+
+        Only a valid token that is too short for ``min_ttl`` triggers a rotation from the
+        request path, and only while Vault is not failing; with nothing valid, or during an
+        outage, callers join a rotation already under way or get an error at once: the loop's
+        backoff, not the request rate, decides how often Vault is tried.
+        """
+        now = self._clock.now()
         current = self.state.current
-        if policy.is_servable(self._clock.now(), current, min_ttl):
+        if policy.is_servable(now, current, min_ttl):
             assert current is not None
             return current
-        state = await self.rotate("min_ttl")
+        if self._inflight is not None and not self._inflight.done():
+            state = await asyncio.shield(self._inflight)
+        elif self._retry_at is None and policy.is_servable(now, current):
+            state = await self.rotate("min_ttl")
+        else:
+            raise VaultUnavailable("create_token", self.state.last_error or "no valid token yet")
         if not policy.is_servable(self._clock.now(), state.current, min_ttl):
             raise VaultUnavailable("create_token", "Vault granted a shorter TTL than requested")
         assert state.current is not None
