@@ -207,3 +207,24 @@ async def test_concurrent_refreshes_with_one_token_mint_once(brokers: BrokerFact
     assert {body["generation"] for _, body in results} == {2}
     assert len({body["refresh_token"] for _, body in results}) == 1
     assert len(_events(b, "family_refreshed")) == 1
+
+
+async def test_family_requests_while_logged_out_do_not_each_start_a_login(brokers: BrokerFactory,
+                                                                           private_openbao) -> None:  # type: ignore[no-untyped-def]
+    b = await brokers.start({"deploy": PER_JOB}, vault=private_openbao)
+    await _create(b)
+    private_openbao.restart_empty()  # the broker's token and its AppRole are gone: logins fail
+
+    def logins() -> float:
+        return sum(value for line, value in _samples(b, "broker_vault_requests_total")
+                   if 'operation="login_approle"' in line)
+
+    before = logins()
+    statuses = [(await b.request("POST", "/v1/tokens/deploy"))[0] for _ in range(15)]
+    assert set(statuses) == {503}
+    assert logins() - before <= 3, "a burst of job requests did not turn into a burst of logins"
+
+
+def _samples(b: RunningBroker, name: str) -> list[tuple[str, float]]:
+    return [(line, float(line.rsplit(" ", 1)[1])) for line in b.metrics_text().splitlines()
+            if line.startswith(name + "{")]

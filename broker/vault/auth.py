@@ -20,7 +20,14 @@ from typing import Protocol, TypeVar
 from broker.audit import AuditLog
 from broker.clock import Clock, sleep_or_wake
 from broker.config import AuthConfig
-from broker.errors import AuditUnavailable, AuthRejected, TokenInvalid, VaultError, VaultPermissionDenied
+from broker.errors import (
+    AuditUnavailable,
+    AuthRejected,
+    TokenInvalid,
+    VaultError,
+    VaultPermissionDenied,
+    VaultUnavailable,
+)
 from broker.metrics import Metrics
 from broker.tokens import policy
 from broker.tokens.model import fingerprint
@@ -31,6 +38,7 @@ log = logging.getLogger("broker.vault")
 T = TypeVar("T")
 
 RENEW_FRACTION = 2 / 3  # renew when a third of the login's lifetime is left
+LOGIN_RETRY_FLOOR = 1.0  # seconds: request-driven logins after a failure, at most one per this
 PREFERRED_RETRY_BASE = 30.0  # on a fallback, first retry of the better methods; doubles from here
 NO_EXPIRY_RETRY_CAP = 3600.0  # retry cap on a fallback token that never expires (no renewal interval)
 IDLE_REPLAN = 60.0  # nothing is due (a token without expiry): look again this often
@@ -213,6 +221,7 @@ class Authenticator:
         self._ready = asyncio.Event()
         self._changed = asyncio.Event()
         self._relogin: asyncio.Task[None] | None = None
+        self._login_failed_at: float | None = None
         self._preferred_failures = 0
         self._rotation_failures = 0
         self.method: str | None = None
@@ -291,6 +300,7 @@ class Authenticator:
         try:
             method, login = await self._first_working(self._methods)
         except VaultError as exc:
+            self._login_failed_at = self._clock.monotonic()
             self._set_login(None, None)
             self._plan_preferred_retry(fresh_fallback=True)  # nothing to come back from
             self.last_error = str(exc)
@@ -327,8 +337,14 @@ class Authenticator:
         await asyncio.shield(self._relogin)
 
     async def call(self, op: Callable[[], Awaitable[T]]) -> T:
-        """Run a Vault operation with the broker's token; on 403 log in again once and retry."""
+        """Run a Vault operation with the broker's token; on 403 log in again once and retry.
+
+        Not logged in, and the last login failed moments ago: fail at once rather than let every
+        caller (a burst of per-job requests during an outage) start a login of its own."""
         if self._login is None:
+            failed_at = self._login_failed_at
+            if failed_at is not None and self._clock.monotonic() - failed_at < LOGIN_RETRY_FLOOR:
+                raise VaultUnavailable("login", self.last_error or "not logged in to Vault")
             await self.relogin()
         try:
             return await op()
