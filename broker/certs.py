@@ -15,7 +15,6 @@ import hashlib
 import ipaddress
 import os
 import re
-import secrets
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker.errors import CertError
+from broker.files import write_atomic
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 CA_CN = "token broker dev CA"
@@ -377,23 +377,8 @@ def _write_cert(path: Path, cert: x509.Certificate) -> None:
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write via a temp file created with ``mode`` and renamed over ``path``.
-
-    The temp file never has wider permissions than ``mode``; the rename means readers (and a
-    broker reloading on SIGHUP) see the old file or the new one, never half of one.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    """``broker.files.write_atomic``, with the failure as a CertError naming the file."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+        write_atomic(path, data, mode)
     except OSError as exc:
-        raise CertError(f"cannot write {path}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)  # the umask may have removed bits we want (0644 certs)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise CertError(f"cannot write {path}: {exc.strerror}") from None

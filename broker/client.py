@@ -207,7 +207,7 @@ def _unreachable(url: str, attempts: int, exc: BaseException) -> str:
 def write_secret_file(path: Path, text: str) -> None:
     """Atomically write ``text`` to ``path`` with mode 0600 (never briefly readable by others).
     The directory must exist: a typo in a path should fail, not create directories."""
-    from broker.tokens.store import write_atomic
+    from broker.files import write_atomic
 
     if not path.parent.is_dir():
         raise FileNotFoundError(2, "No such directory", str(path.parent))

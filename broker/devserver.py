@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker.errors import BrokerError
-from broker.tokens.store import write_atomic
+from broker.files import write_atomic
 
 ROOT_TOKEN = "root"  # the dev server's well-known root token; dev mode is in-memory and loopback-only
 

@@ -31,7 +31,7 @@ from broker.errors import (
 from broker.metrics import Metrics
 from broker.tokens import policy
 from broker.tokens.model import fingerprint
-from broker.tokens.store import write_atomic
+from broker.files import write_atomic
 from broker.vault.client import Login, VaultClient
 
 log = logging.getLogger("broker.vault")
