@@ -6,12 +6,44 @@ import asyncio
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
 
 from broker.devserver import OpenBaoDevServer, free_port, setup_approle, setup_token_role
 from tests.conftest import Pki, write_config
+
+
+@dataclass(frozen=True)
+class Ran:
+    """How a child process ended: exit code, stdout, stderr."""
+
+    code: int
+    out: str
+    err: str
+
+    @property
+    def both(self) -> str:
+        return self.out + self.err
+
+
+async def run_process(argv: list[str], env: Mapping[str, str], cwd: Path | None = None,
+                      timeout: float = 30.0) -> Ran:
+    """Run a command to completion without blocking the event loop (a broker may be serving
+    in this very loop); killed and reported if it takes longer than ``timeout``."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=dict(env), cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"{' '.join(argv)} did not finish in {timeout}s") from None
+    assert proc.returncode is not None
+    return Ran(proc.returncode, out.decode(), err.decode())
 
 
 @dataclass

@@ -19,7 +19,6 @@ import socket
 import stat
 import sys
 from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from broker import certs
 from broker.devserver import OpenBaoDevServer, free_port
 from tests.conftest import DEFAULT_PROFILE, BrokerFactory, Pki, RunningBroker, token_is_valid, write_config
+from tests.processes import Ran, run_process
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -52,11 +52,7 @@ async def b(tmp_path_factory: pytest.TempPathFactory, pki: Pki, openbao: OpenBao
 
 # --- running the CLI ------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Run:
-    code: int
-    out: str
-    err: str
+Run = Ran  # how a `broker` command ended: code, out, err
 
 
 def clean_env(**overrides: str | None) -> dict[str, str]:
@@ -79,18 +75,8 @@ def job_env(b: RunningBroker, cert: str = "job", **overrides: str | None) -> dic
 
 async def broker_cli(*args: str, env: Mapping[str, str] | None = None, cwd: Path | None = None,
                      timeout: float = RUN_TIMEOUT) -> Run:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "broker", *args, env=dict(env if env is not None else clean_env()), cwd=cwd,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise AssertionError(f"broker {' '.join(args)} did not finish in {timeout}s") from None
-    assert proc.returncode is not None
-    return Run(proc.returncode, out.decode(), err.decode())
+    return await run_process([sys.executable, "-m", "broker", *args],
+                             env if env is not None else clean_env(), cwd, timeout)
 
 
 def secrets_of(b: RunningBroker) -> set[str]:

@@ -36,6 +36,7 @@ import yaml
 from broker.config import check_config
 from broker.devserver import OpenBaoDevServer
 from tests.conftest import BrokerFactory, Pki, RunningBroker, token_is_valid
+from tests.processes import Ran, run_process
 
 # Async tests share the module's broker, so they share its event loop; sync tests need no mark.
 MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
@@ -52,30 +53,8 @@ PER_JOB = {"mode": "per-job", "ttl": "60s", "grace": "2s", "rotate_after": "40s"
 
 # --- running shell ------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Ran:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def both(self) -> str:
-        return self.out + self.err
-
-
 async def run(argv: list[str], env: Mapping[str, str], cwd: Path, timeout: float = RUN_TIMEOUT) -> Ran:
-    proc = await asyncio.create_subprocess_exec(
-        *argv, env=dict(env), cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise AssertionError(f"{argv} did not finish in {timeout}s") from None
-    assert proc.returncode is not None
-    return Ran(proc.returncode, out.decode(), err.decode())
+    return await run_process(argv, env, cwd, timeout)
 
 
 def clean_env() -> dict[str, str]:
