@@ -9,7 +9,7 @@ import math
 from aiohttp import web
 
 from broker.api.app import DEPS, ApiDeps, ApiError
-from broker.api.authz import is_admin, matching_identity
+from broker.api.authz import is_admin
 from broker.audit import rfc3339
 from broker.config import ProfileConfig
 from broker.errors import AuditUnavailable, CertError, FamilyNotFound, RefreshRejected, VaultError
@@ -133,7 +133,7 @@ async def list_tokens(request: web.Request) -> web.Response:
     now = deps.clock.now()
     listed = []
     for profile in deps.profiles.values():
-        if matching_identity(caller.identities, profile.allow) is None:
+        if deps.grants.identity(caller, profile) is None:
             continue
         state = deps.cache.get(profile.name)
         current = state.current if state else None
@@ -152,7 +152,7 @@ async def list_tokens(request: web.Request) -> web.Response:
 async def whoami(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
     caller = caller_of(request)
-    allowed = [p.name for p in deps.profiles.values() if matching_identity(caller.identities, p.allow)]
+    allowed = [p.name for p in deps.profiles.values() if deps.grants.identity(caller, p)]
     return web.json_response({
         "identities": list(caller.identities), "profiles": allowed,
         "admin": is_admin(caller.identities, deps.admin_allow),

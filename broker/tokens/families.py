@@ -197,10 +197,7 @@ class FamilyManager:
     async def _revoke_now(self, live: LiveToken, profile: str, family: str, reason: str) -> None:
         entry = PendingRevocation(accessor=live.accessor, profile=profile, generation=live.generation,
                                   token_fp=live.token_fp, revoke_at=self._clock.now(), family=family)
-        try:
-            await self._revocations.revoke(entry, reason)
-        except VaultError:
-            await self._revocations.schedule(entry)  # the queue retries until Vault confirms
+        await self._revocations.revoke_or_queue(entry, reason)
 
     # --- the three operations --------------------------------------------------------------
 

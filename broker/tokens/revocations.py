@@ -81,6 +81,13 @@ class RevocationQueue:
         except AuditUnavailable:
             pass  # the revocation happened; refusing to record it would only keep a token alive
 
+    async def revoke_or_queue(self, entry: PendingRevocation, reason: str) -> None:
+        """Revoke now; if Vault cannot confirm, keep it queued and retry with backoff."""
+        try:
+            await self.revoke(entry, reason)
+        except VaultError:
+            await self.schedule(entry)
+
     async def revoke_due(self) -> None:
         now = self._clock.now()
         for entry in [e for e in self._pending if e.revoke_at <= now]:

@@ -170,11 +170,7 @@ class Rotator:
         """A minted token that does not verify is never served, and must not linger at Vault."""
         log.warning("rotation_rolled_back profile=%s generation=%s token_fp=%s error=%s",
                     self.name, token.generation, token.fp, exc)
-        entry = self._pending(token, self._clock.now())
-        try:
-            await self._revocations.revoke(entry, "rolled_back")
-        except VaultError:
-            await self._revocations.schedule(entry)  # retried with backoff until Vault confirms
+        await self._revocations.revoke_or_queue(self._pending(token, self._clock.now()), "rolled_back")
         self._metrics.rotations.labels(self.name, "rolled_back").inc()
         self._record("rotation_rolled_back", generation=token.generation, token_fp=token.fp,
                      outcome="failure", reason=str(exc))
