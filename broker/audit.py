@@ -28,9 +28,13 @@ EVENTS = frozenset({
 
 
 def rfc3339(ts: float) -> str:
-    """UTC with milliseconds, e.g. 2026-11-26T01:55:27.123Z (on every audit line: kept cheap)."""
+    """UTC with milliseconds, e.g. 2026-11-26T01:55:27.123Z."""
     seconds = int(ts)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int((ts - seconds) * 1000):03d}Z"
+
+
+# One encoder, built once: json.dumps(..., separators=...) builds a new JSONEncoder per call.
+_LINE_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 def repair_torn_tail(path: Path) -> bool:
@@ -68,6 +72,8 @@ class AuditLog:
         self._refuse = refuse_on_failure
         self._fd: int | None = None
         self.healthy = True
+        self._second = -1
+        self._second_text = ""
 
     def open(self) -> None:
         """Open for appending; a failure here is reported like a failed write, not fatal,
@@ -85,6 +91,15 @@ class AuditLog:
             self._fd = None
             self.healthy = False
             log.error("audit_open_failed path=%s error=%s", self.path, exc.strerror or exc)
+
+    def _timestamp(self) -> str:
+        """rfc3339(now), with the part before the milliseconds formatted once per second:
+        every served token writes a line."""
+        now = self._clock.now()
+        second = int(now)
+        if second != self._second:
+            self._second, self._second_text = second, rfc3339(second)[:-5]
+        return f"{self._second_text}.{int((now - second) * 1000):03d}Z"
 
     def close(self) -> None:
         if self._fd is not None:
@@ -107,11 +122,11 @@ class AuditLog:
         if event not in EVENTS:
             raise ValueError(f"unknown audit event {event!r}")
         record = {
-            "ts": rfc3339(self._clock.now()), "event": event, "profile": profile, "identity": identity,
+            "ts": self._timestamp(), "event": event, "profile": profile, "identity": identity,
             "generation": generation, "token_fp": token_fp, "outcome": outcome, "reason": reason,
         }
         record.update(extra)
-        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        line = (_LINE_ENCODER.encode(record) + "\n").encode()
         try:
             if self._fd is None:
                 self.open()

@@ -15,7 +15,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from broker import tls
-from broker.api.app import ApiDeps, make_app, protocol_factory
+from broker.api.app import DEPS, ApiDeps, make_app, protocol_factory
+from broker.api.fastpath import FastPathConnections
 from broker.api.ratelimit import RateLimiter
 from broker.audit import AuditLog
 from broker.clock import Clock, SystemClock
@@ -40,9 +41,11 @@ SHUTDOWN_TIMEOUT = 10.0  # in-flight requests get this long to finish on SIGTERM
 class TLSSockSite(web.SockSite):
     """aiohttp's SockSite on our TLS engine: pyOpenSSL over memory BIOs by default, or the
     stdlib's ``ssl`` (``[server] tls_engine = "stdlib"``); a handshake timeout so a stalled
-    handshake frees its slot, and JSON answers to malformed HTTP."""
+    handshake frees its slot. Each connection starts on the hot route's protocol
+    (``api/fastpath.py``), which hands anything else to aiohttp's handler (JSON answers to
+    malformed HTTP included); stopping the site closes the connections still on the fast path."""
 
-    __slots__ = ("_tls", "_handshake_timeout", "_observe")
+    __slots__ = ("_tls", "_handshake_timeout", "_observe", "_connections")
 
     def __init__(self, runner: web.BaseRunner, sock: socket.socket, *,
                  tls_context: tls.ReloadableServerContext | ReloadableOpenSSLContext,
@@ -51,18 +54,24 @@ class TLSSockSite(web.SockSite):
         self._tls = tls_context
         self._handshake_timeout = handshake_timeout
         self._observe = observe
+        self._connections: FastPathConnections | None = None
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
         assert isinstance(self._runner, web.AppRunner)
         loop = asyncio.get_running_loop()
-        app = protocol_factory(self._runner)
+        app = self._connections = FastPathConnections(self._runner.app[DEPS], protocol_factory(self._runner))
         if isinstance(self._tls, ReloadableOpenSSLContext):
             factory = tls_protocol_factory(self._tls, app, self._handshake_timeout, self._observe)
             self._server = await loop.create_server(factory, sock=self._sock, backlog=self._backlog)
         else:
             self._server = await loop.create_server(app, sock=self._sock, ssl=self._tls.context, backlog=self._backlog,
                                                     ssl_handshake_timeout=self._handshake_timeout)
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self._connections is not None:
+            self._connections.close_all()  # aiohttp's shutdown closes the connections its handler owns
 
 
 def bind(host: str, port: int) -> socket.socket:

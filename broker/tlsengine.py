@@ -27,6 +27,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi as _ffi  # pyOpenSSL's own cffi bindings: see _Records
+from OpenSSL._util import lib as _lib
 
 from broker.config import ServerConfig
 from broker.errors import CertError
@@ -34,8 +36,7 @@ from broker.identity import Caller, identities_from_der
 
 log = logging.getLogger("broker.tls")
 
-# pyOpenSSL allocates a buffer of the asked size on every recv/bio_read: ask for one TLS
-# record's worth (16 KiB of plaintext; a little more of ciphertext), not more.
+# One TLS record's worth (16 KiB of plaintext; a little more of ciphertext) per read.
 _READ_SIZE = 17 * 1024
 
 HandshakeObserver = Callable[[str], None]  # outcome: success | failure | timeout
@@ -97,6 +98,64 @@ def _reason(exc: BaseException) -> str:
     return "; ".join(parts) or type(exc).__name__
 
 
+class _Records:
+    """The data phase of one connection, calling libssl directly on pyOpenSSL's pointers.
+
+    Why not ``Connection.recv/send/bio_read/bio_write``: each call allocates a fresh buffer of
+    the asked size, and "nothing more to read" arrives as a raised ``WantReadError``; at one
+    request per TLS record that wrapper work was a quarter of a keep-alive fetch (the numbers
+    are in bench/results.md and the commit). This class holds the connection's ``SSL*`` and
+    its two memory BIOs and reads through one scratch buffer per listener (the event loop is
+    single-threaded). The handshake, the verify callback, shutdown and every query stay on
+    pyOpenSSL's public API. Should pyOpenSSL rename these private attributes, every TLS test
+    fails at the first connection rather than anything going quietly wrong.
+    """
+
+    __slots__ = ("_ssl", "_into", "_from", "_scratch")
+
+    MORE, CLOSED, FAILED = range(3)  # how a read ended
+
+    def __init__(self, conn: SSL.Connection, scratch: Any) -> None:
+        self._ssl = conn._ssl  # noqa: SLF001
+        self._into = conn._into_ssl  # noqa: SLF001
+        self._from = conn._from_ssl  # noqa: SLF001
+        self._scratch = scratch
+
+    def feed(self, ciphertext: bytes) -> bool:
+        """Give bytes from the socket to OpenSSL; False if it refused them."""
+        return bool(_lib.BIO_write(self._into, ciphertext, len(ciphertext)) == len(ciphertext))
+
+    def read(self) -> tuple[bytes, int]:
+        """All plaintext decryptable now, and how reading ended (MORE: needs more bytes)."""
+        chunks = []
+        while True:
+            n = _lib.SSL_read(self._ssl, self._scratch, _READ_SIZE)
+            if n > 0:
+                chunks.append(_ffi.buffer(self._scratch, n)[:])
+                continue
+            error = _lib.SSL_get_error(self._ssl, n)
+            if error == _lib.SSL_ERROR_WANT_READ:
+                return b"".join(chunks), self.MORE
+            _lib.ERR_clear_error()  # the error queue is per thread: leave it clean for the next call
+            return b"".join(chunks), self.CLOSED if error == _lib.SSL_ERROR_ZERO_RETURN else self.FAILED
+
+    def write(self, plaintext: bytes) -> bool:
+        """Encrypt all of ``plaintext`` (a memory BIO never blocks); False on a fatal error."""
+        if _lib.SSL_write(self._ssl, plaintext, len(plaintext)) > 0:
+            return True
+        _lib.ERR_clear_error()
+        return False
+
+    def drain(self) -> bytes:
+        """What OpenSSL wants sent: records, alerts, handshake flights."""
+        chunks = []
+        while (n := _lib.BIO_read(self._from, self._scratch, _READ_SIZE)) > 0:
+            chunks.append(_ffi.buffer(self._scratch, n)[:])
+            if n < _READ_SIZE:
+                break  # a memory BIO hands out all it has: less than asked means it is empty
+        return b"".join(chunks)
+
+
 class _PeerCertificate:
     """What ``broker.tls.peer_der`` reads from ``get_extra_info("ssl_object")``."""
 
@@ -115,10 +174,10 @@ class _AppTransport(asyncio.Transport):
         self._tls = tls
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._tls.send(bytes(data))
+        self._tls.send(data if type(data) is bytes else bytes(data))
 
     def writelines(self, list_of_data: Any) -> None:
-        self._tls.send(b"".join(bytes(d) for d in list_of_data))
+        self._tls.send(b"".join(list_of_data))
 
     def can_write_eof(self) -> bool:
         return False
@@ -158,9 +217,10 @@ class TLSServerProtocol(asyncio.Protocol):
     """One TLS connection: handshake, then plaintext to and from the application protocol."""
 
     def __init__(self, context: SSL.Context, app_factory: Callable[[], asyncio.Protocol],
-                 handshake_timeout: float, observe: HandshakeObserver) -> None:
+                 handshake_timeout: float, observe: HandshakeObserver, scratch: Any) -> None:
         self._conn = SSL.Connection(context, None)
         self._conn.set_accept_state()
+        self._records = _Records(self._conn, scratch)
         self._app_factory = app_factory
         self._handshake_timeout = handshake_timeout
         self._observe = observe
@@ -177,10 +237,8 @@ class TLSServerProtocol(asyncio.Protocol):
         self._timer = asyncio.get_running_loop().call_later(self._handshake_timeout, self._timed_out)
 
     def data_received(self, data: bytes) -> None:
-        try:
-            self._conn.bio_write(data)
-        except SSL.Error as exc:  # bytes after a fatal alert or shutdown: nothing more to say
-            log.debug("tls_error reason=%s", _reason(exc))
+        if not self._records.feed(data):  # bytes after a fatal alert or shutdown: nothing more to say
+            log.debug("tls_error reason=the connection takes no more input")
             self.abort()
             return
         if self._app is None and not self._handshake():
@@ -235,37 +293,26 @@ class TLSServerProtocol(asyncio.Protocol):
         return True
 
     def _deliver(self) -> None:
-        while self._app is not None and self.raw is not None:
-            try:
-                chunk = self._conn.recv(_READ_SIZE)
-            except SSL.WantReadError:
-                break
-            except SSL.ZeroReturnError:  # the peer's close_notify
-                self._flush()
-                if not self._app.eof_received() and self.raw is not None:
-                    self.raw.close()
-                return
-            except SSL.Error as exc:
-                log.debug("tls_error after handshake reason=%s", _reason(exc))
-                self.abort()
-                return
-            self._app.data_received(chunk)
+        plaintext, ended = self._records.read()
+        if plaintext and self._app is not None:
+            self._app.data_received(plaintext)
+        if ended == _Records.CLOSED:  # the peer's close_notify
+            self._flush()
+            if self._app is not None and not self._app.eof_received() and self.raw is not None:
+                self.raw.close()
+            return
+        if ended == _Records.FAILED:
+            log.debug("tls_error after handshake reason=the record layer failed")
+            self.abort()
+            return
         self._flush()
 
     def _flush(self) -> None:
         if self.raw is None:
             return
-        chunks = []
-        while True:
-            try:
-                chunk = self._conn.bio_read(_READ_SIZE)
-            except SSL.WantReadError:
-                break
-            chunks.append(chunk)
-            if len(chunk) < _READ_SIZE:
-                break  # a memory BIO hands out all it has: less than asked means it is empty
-        if chunks:
-            self.raw.write(b"".join(chunks))
+        ciphertext = self._records.drain()
+        if ciphertext:
+            self.raw.write(ciphertext)
 
     def _fail(self, outcome: str, reason: str) -> None:
         log.debug("tls_handshake_refused outcome=%s reason=%s", outcome, reason)
@@ -283,12 +330,12 @@ class TLSServerProtocol(asyncio.Protocol):
     # --- from the application -------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        if self.raw is None or self.raw.is_closing():
+        if self.raw is None or self.raw.is_closing() or not data:
             return
-        view = memoryview(data)
-        while view:
-            sent = self._conn.send(view)
-            view = view[sent:]
+        if not self._records.write(data):
+            log.debug("tls_error reason=cannot encrypt the response")
+            self.abort()
+            return
         self._flush()
 
     def close(self) -> None:
@@ -332,4 +379,5 @@ class ReloadableOpenSSLContext:
 
 def tls_protocol_factory(contexts: ReloadableOpenSSLContext, app_factory: Callable[[], asyncio.Protocol],
                          handshake_timeout: float, observe: HandshakeObserver) -> Callable[[], asyncio.Protocol]:
-    return lambda: TLSServerProtocol(contexts.current, app_factory, handshake_timeout, observe)
+    scratch = _ffi.new("char[]", _READ_SIZE)  # one per listener, shared by its connections
+    return lambda: TLSServerProtocol(contexts.current, app_factory, handshake_timeout, observe, scratch)

@@ -100,11 +100,17 @@ DEPS = web.AppKey("deps", ApiDeps)
 # lines beyond this still get aiohttp's own plain-text 400. Per-connection memory stays small.
 MAX_REQUEST_LINE = 32 * 1024
 
+KEEPALIVE_TIMEOUT = 75.0  # an idle keep-alive connection is closed after this long
+
+
+def error_body(status: int, message: str, code: str | None = None) -> bytes:
+    return json.dumps({"error": code or ERROR_CODES.get(status, "error"), "message": message}).encode()
+
 
 def error_response(status: int, message: str, code: str | None = None,
                    headers: Mapping[str, str] | None = None) -> web.Response:
-    body = json.dumps({"error": code or ERROR_CODES.get(status, "error"), "message": message})
-    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+    return web.Response(status=status, body=error_body(status, message, code), headers=headers,
+                        content_type="application/json", charset="utf-8")
 
 
 class ApiError(Exception):
@@ -215,7 +221,7 @@ def make_app(deps: ApiDeps) -> web.Application:
     from broker.api import handlers  # late: handlers import this module's helpers
 
     app = web.Application(middlewares=[errors_middleware], client_max_size=deps.max_body_bytes,
-                          handler_args={"max_line_size": MAX_REQUEST_LINE})
+                          handler_args={"max_line_size": MAX_REQUEST_LINE, "keepalive_timeout": KEEPALIVE_TIMEOUT})
     app[DEPS] = deps
     app.on_response_prepare.append(_no_store)
     handlers.add_routes(app)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 
 from aiohttp import web
 
@@ -17,11 +19,12 @@ from broker.identity import Caller, identities_from_der
 from broker.tls import peer_der, require_client_auth_eku
 from broker.tokens import policy
 from broker.tokens.families import MAX_REFRESH_TOKEN_LENGTH, FamilyManager, Issued
+from broker.tokens.model import Token
 from broker.tokens.rotator import Rotator
 
 
-def _verified_caller(request: web.Request) -> Caller:
-    transport = request.transport
+def verified_caller(transport: asyncio.BaseTransport | None) -> Caller:
+    """The client behind ``transport``, from its verified certificate; ApiError 403 if unusable."""
     known = transport.get_extra_info("broker_caller") if transport is not None else None
     if known is not None:
         return known  # type: ignore[no-any-return]  # the openssl engine verified it in the handshake
@@ -35,17 +38,22 @@ def _verified_caller(request: web.Request) -> Caller:
     return Caller(identities_from_der(der), hashlib.sha256(der).hexdigest())
 
 
+def within_rate(deps: ApiDeps, caller: Caller) -> None:
+    """ApiError 429 unless ``caller`` is within its rate; spends one request of its budget."""
+    if deps.rate_limiter is None:
+        return
+    wait = deps.rate_limiter.check(caller.fingerprint, deps.clock.monotonic())
+    if wait > 0:
+        deps.metrics.count_request("_any", "rate_limited")
+        seconds = max(1, math.ceil(wait))
+        raise ApiError(429, f"too many requests from this client certificate; retry in {seconds}s",
+                       headers={"Retry-After": str(seconds)})
+
+
 def caller_of(request: web.Request) -> Caller:
     """Who is calling (from the verified client certificate), once they are within their rate."""
-    caller = _verified_caller(request)
-    deps = request.app[DEPS]
-    if deps.rate_limiter is not None:
-        wait = deps.rate_limiter.check(caller.fingerprint, deps.clock.monotonic())
-        if wait > 0:
-            deps.metrics.count_request("_any", "rate_limited")
-            seconds = max(1, math.ceil(wait))
-            raise ApiError(429, f"too many requests from this client certificate; retry in {seconds}s",
-                           headers={"Retry-After": str(seconds)})
+    caller = verified_caller(request.transport)
+    within_rate(request.app[DEPS], caller)
     return caller
 
 
@@ -119,12 +127,44 @@ async def get_token(request: web.Request) -> web.Response:
     now = deps.clock.now()
     if not policy.is_servable(now, token, min_ttl):
         raise _unavailable(deps, rotator, "the last token expired and Vault has not given a new one")
+    content_type, body = served(deps, profile, identity, token, now, plain=_wants_plain(request.headers))
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def _wants_plain(headers: Mapping[str, str]) -> bool:
+    return "text/plain" in headers.get("Accept", "")
+
+
+def served(deps: ApiDeps, profile: ProfileConfig, identity: str, token: Token, now: float,
+           plain: bool) -> tuple[str, bytes]:
+    """Audit and count a token handed out; its (Content-Type, body). The one place a shared
+    token leaves the broker, whichever path the request took."""
     _audit(deps, "token_served", profile=profile.name, identity=identity, generation=token.generation,
            token_fp=token.fp)
     deps.metrics.count_request(profile.name, "served")
-    if "text/plain" in request.headers.get("Accept", ""):
-        return web.Response(text=token.value, content_type="text/plain")
-    return web.Response(body=deps.token_bodies.render(profile.name, token, now), content_type="application/json")
+    if plain:
+        return "text/plain; charset=utf-8", token.value.encode()
+    return "application/json", deps.token_bodies.render(profile.name, token, now)
+
+
+def served_from_cache(deps: ApiDeps, caller: Caller, name: str,
+                      headers: Mapping[str, str]) -> tuple[str, bytes] | None:
+    """``GET /v1/tokens/{name}`` without a query, answered synchronously when it is the common
+    case — a shared profile this caller may fetch, with a current token servable now — as
+    (content type, body); None when the request needs :func:`get_token`. Checks that have
+    side effects (the rate limit, audit) come after every reason to return None, so a request
+    handed on to get_token is not counted twice. Raises ApiError like get_token."""
+    profile = deps.profiles.get(name)
+    if profile is None or profile.mode != "shared":
+        return None
+    identity = deps.grants.identity(caller, profile)
+    token = deps.rotators[name].state.current
+    now = deps.clock.now()
+    if identity is None or not policy.is_servable(now, token):
+        return None
+    assert token is not None
+    within_rate(deps, caller)
+    return served(deps, profile, identity, token, now, plain=_wants_plain(headers))
 
 
 async def list_tokens(request: web.Request) -> web.Response:
