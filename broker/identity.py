@@ -12,6 +12,8 @@ glob, so ``cn:*`` never matches a ``uri:`` identity. Note that ``*`` also matche
 
 from __future__ import annotations
 
+import hashlib
+
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -35,6 +37,11 @@ class Caller:
     @property
     def primary(self) -> str:
         return self.identities[0] if self.identities else "unknown"
+
+    @classmethod
+    def from_der(cls, der: bytes) -> Caller:
+        """The caller a verified certificate (DER) names; CertError if it cannot be parsed."""
+        return cls(identities_from_der(der), hashlib.sha256(der).hexdigest())
 # getpeercert() spells SAN types like OpenSSL's X509V3_EXT_print; we keep URI and DNS only.
 _PEERCERT_SAN_KINDS = {"URI": "uri", "DNS": "dns"}
 

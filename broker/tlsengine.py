@@ -19,7 +19,6 @@ timeout frees its slot.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -32,7 +31,7 @@ from OpenSSL._util import lib as _lib
 
 from broker.config import ServerConfig
 from broker.errors import CertError
-from broker.identity import Caller, identities_from_der
+from broker.identity import Caller
 
 log = logging.getLogger("broker.tls")
 
@@ -42,30 +41,67 @@ _READ_SIZE = 17 * 1024
 HandshakeObserver = Callable[[str], None]  # outcome: success | failure | timeout
 
 
-def _has_client_auth(cert: crypto.X509) -> bool:
+def _has_client_auth(der: bytes) -> bool:
     try:
-        eku = cert.to_cryptography().extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        eku = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except (x509.ExtensionNotFound, ValueError):
         return False
     return ExtendedKeyUsageOID.CLIENT_AUTH in eku
 
 
-def _verify(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
-    """OpenSSL checked the chain (and, for a server, the sslclient purpose); we add that the
-    leaf must *have* an EKU with clientAuth, which OpenSSL lets pass when EKU is absent."""
-    if not ok:
-        return False
-    return depth > 0 or _has_client_auth(cert)
+class KnownCertificates:
+    """What the listener reads out of a client certificate — whether its EKU includes
+    clientAuth, and the Caller it names — once per certificate, not once per connection: the
+    jobs on a runner host present the same few certificates again and again, and parsing one
+    in Python costs more than the rest of a fetch. Both are properties of the DER bytes alone;
+    the chain, validity and CA are still checked by OpenSSL in every handshake."""
+
+    LIMIT = 1024  # distinct certificates remembered before starting over
+
+    def __init__(self) -> None:
+        self._client_auth: dict[bytes, bool] = {}
+        self._callers: dict[bytes, Caller] = {}
+
+    def verify(self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+        """OpenSSL checked the chain (and, for a server, the sslclient purpose); we add that the
+        leaf must *have* an EKU with clientAuth, which OpenSSL lets pass when EKU is absent."""
+        if not ok:
+            return False
+        if depth > 0:
+            return True
+        der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+        allowed = self._client_auth.get(der)
+        if allowed is None:
+            allowed = _remember(self._client_auth, der, _has_client_auth(der), self.LIMIT)
+        return allowed
+
+    def caller(self, der: bytes) -> Caller:
+        known = self._callers.get(der)
+        return known if known is not None else _remember(self._callers, der, Caller.from_der(der), self.LIMIT)
 
 
-def openssl_context(cfg: ServerConfig) -> SSL.Context:
+def _remember(cache: dict[bytes, Any], key: bytes, value: Any, limit: int) -> Any:
+    if len(cache) >= limit:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+# OpenSSL's SSL_MODE_NO_AUTO_CHAIN (pyOpenSSL has no name for it): send the chain in the
+# cert file as it is, instead of building one from the trust store in every handshake — that
+# build verified our own certificate again each time (~17% of a handshake's instructions).
+_MODE_NO_AUTO_CHAIN = 0x8
+
+
+def openssl_context(cfg: ServerConfig, certificates: KnownCertificates) -> SSL.Context:
     """The server context for ``cfg``; CertError naming the file when something is wrong."""
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_options(SSL.OP_NO_TICKET)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)  # an idle keep-alive connection holds no record buffers
+    # RELEASE_BUFFERS: an idle keep-alive connection holds no record buffers.
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS | _MODE_NO_AUTO_CHAIN)
     try:
         ctx.set_tls13_ciphersuites(":".join(cfg.tls13_ciphersuites).encode())
     except SSL.Error:
@@ -87,7 +123,7 @@ def openssl_context(cfg: ServerConfig) -> SSL.Context:
     except (SSL.Error, OSError) as exc:
         raise CertError(f"cannot load client_ca {cfg.client_ca}: {_reason(exc)}") from None
     ctx.get_cert_store().set_flags(crypto.X509StoreFlags.X509_STRICT)
-    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _verify)
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, certificates.verify)
     return ctx
 
 
@@ -216,9 +252,10 @@ class _AppTransport(asyncio.Transport):
 class TLSServerProtocol(asyncio.Protocol):
     """One TLS connection: handshake, then plaintext to and from the application protocol."""
 
-    def __init__(self, context: SSL.Context, app_factory: Callable[[], asyncio.Protocol],
+    def __init__(self, contexts: ReloadableOpenSSLContext, app_factory: Callable[[], asyncio.Protocol],
                  handshake_timeout: float, observe: HandshakeObserver, scratch: Any) -> None:
-        self._conn = SSL.Connection(context, None)
+        self._certificates = contexts.certificates
+        self._conn = SSL.Connection(contexts.current, None)
         self._conn.set_accept_state()
         self._records = _Records(self._conn, scratch)
         self._app_factory = app_factory
@@ -286,7 +323,7 @@ class TLSServerProtocol(asyncio.Protocol):
         if self._peer_der is not None:
             # Once per connection, not per request: the chain and the clientAuth EKU were
             # verified in the handshake, so keep-alive requests only look this up.
-            self._caller = Caller(identities_from_der(self._peer_der), hashlib.sha256(self._peer_der).hexdigest())
+            self._caller = self._certificates.caller(self._peer_der)
         self._observe("success")
         self._app = self._app_factory()
         self._app.connection_made(_AppTransport(self))
@@ -371,13 +408,14 @@ class ReloadableOpenSSLContext:
 
     def __init__(self, cfg: ServerConfig) -> None:
         self._cfg = cfg
-        self.current = openssl_context(cfg)
+        self.certificates = KnownCertificates()
+        self.current = openssl_context(cfg, self.certificates)
 
     def reload(self) -> None:
-        self.current = openssl_context(self._cfg)  # raises CertError, keeping the old one
+        self.current = openssl_context(self._cfg, self.certificates)  # raises CertError, keeping the old one
 
 
 def tls_protocol_factory(contexts: ReloadableOpenSSLContext, app_factory: Callable[[], asyncio.Protocol],
                          handshake_timeout: float, observe: HandshakeObserver) -> Callable[[], asyncio.Protocol]:
     scratch = _ffi.new("char[]", _READ_SIZE)  # one per listener, shared by its connections
-    return lambda: TLSServerProtocol(contexts.current, app_factory, handshake_timeout, observe, scratch)
+    return lambda: TLSServerProtocol(contexts, app_factory, handshake_timeout, observe, scratch)

@@ -62,6 +62,25 @@ async def test_default_suites_refuse_chacha20(brokers: BrokerFactory) -> None:
     assert cipher == "TLS_AES_256_GCM_SHA384" and b"cn:job" in data
 
 
+async def test_the_server_sends_the_chain_in_its_cert_file_as_it_is(brokers: BrokerFactory) -> None:
+    """server.pem holds the leaf only, so the leaf is all that is sent: no chain is built from
+    the trust store in each handshake (it used to add the CA, verifying it every time)."""
+    b = await brokers.start()
+
+    def chain() -> list[str]:
+        with socket.create_connection(("127.0.0.1", b.broker.api_port), timeout=5) as raw:
+            raw.settimeout(None)
+            conn = SSL.Connection(_openssl_client(b.pki, "TLS_AES_256_GCM_SHA384"), raw)
+            conn.set_tlsext_host_name(b"localhost")
+            conn.set_connect_state()
+            conn.do_handshake()
+            sent = conn.get_peer_cert_chain(as_cryptography=True) or []
+            conn.shutdown()
+            return [cert.subject.rfc4514_string() for cert in sent]
+
+    assert await asyncio.to_thread(chain) == ["CN=localhost"]
+
+
 async def test_handshake_timeouts_are_counted(brokers: BrokerFactory) -> None:
     b = await brokers.start(server_extra='handshake_timeout = "500ms"')
     reader, writer = await asyncio.open_connection("127.0.0.1", b.broker.api_port)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -15,7 +14,7 @@ from broker.api.authz import is_admin
 from broker.audit import rfc3339
 from broker.config import ProfileConfig
 from broker.errors import AuditUnavailable, CertError, FamilyNotFound, RefreshRejected, VaultError
-from broker.identity import Caller, identities_from_der
+from broker.identity import Caller
 from broker.tls import peer_der, require_client_auth_eku
 from broker.tokens import policy
 from broker.tokens.families import MAX_REFRESH_TOKEN_LENGTH, FamilyManager, Issued
@@ -35,7 +34,7 @@ def verified_caller(transport: asyncio.BaseTransport | None) -> Caller:
         require_client_auth_eku(der)
     except CertError as exc:
         raise ApiError(403, str(exc)) from None
-    return Caller(identities_from_der(der), hashlib.sha256(der).hexdigest())
+    return Caller.from_der(der)
 
 
 def within_rate(deps: ApiDeps, caller: Caller) -> None:
