@@ -69,8 +69,11 @@ PROXY_BODY = json.dumps({"ttl": "1h"})  # every fetch sends the same request: th
 ROWS = (
     "cpu_keepalive", "cpu_fresh", "rate_keepalive", "rate_fresh", "p50_keepalive", "p99_keepalive",
     "p50_fresh", "p99_fresh", "rss_after_load", "rss_idle_conns", "ready",
-    "vault_per_1000", "vault_per_rotation", "p99_rotation", "p99_quiet", "p99_rotation_ratio",
+    "vault_per_1000", "vault_per_1000_hourly", "vault_per_rotation", "p99_rotation", "p99_quiet",
+    "p99_rotation_ratio",
 )
+
+CHECK_INTERVAL = 60.0  # the broker profile's check_interval (broker.toml below): one lookup per interval
 
 
 class BenchError(Exception):
@@ -336,7 +339,7 @@ policies = ["{POLICY}"]
 ttl = "{_dur(ttl)}"
 grace = "{_dur(grace)}"
 rotate_after = "{_dur(rotate_after)}"
-check_interval = "60s"
+check_interval = "{CHECK_INTERVAL:g}s"
 allow = ["cn:job"]
 """
     path = directory / "broker.toml"
@@ -460,7 +463,10 @@ class Bench:
         old = os.environ.get("GOMAXPROCS")
         os.environ["GOMAXPROCS"] = "1"
         try:
-            with affinity(self.server_cpus):
+            # On the load generator's core, not the servers': in production Vault is another
+            # machine, so its work at a rotation must neither count against the broker nor
+            # take the broker's core away from the fetches being timed.
+            with affinity(self.load_cpus):
                 self.vault.start()
         finally:
             if old is None:
@@ -931,7 +937,11 @@ def table_rows(results: dict[str, Any], s: Settings) -> list[tuple[str, str, str
     rot = runs["rotation"]
     alone("vault_per_1000", f"Vault requests per 1,000 fetches (broker alone: {rot['rotations']} rotations, "
                             f"{rot['fetches']:,} fetches in {s.rotation_seconds:g} s)",
-          "n/a" if rot["vault_per_1000"] is None else f"{rot['vault_per_1000']:.2f}", "≤ 1 at 1 rotation/h")
+          "n/a" if rot["vault_per_1000"] is None else f"{rot['vault_per_1000']:.2f}")
+    hourly = vault_per_1000_hourly(rot["vault_per_rotation"], s.rotation_rate)
+    alone("vault_per_1000_hourly", f"Vault requests per 1,000 fetches at 1 rotation/h, projected from this run "
+                                   f"({s.rotation_rate:g} fetches/s; + one check per {CHECK_INTERVAL:g} s)",
+          "n/a" if hourly is None else f"{hourly:.3f}", "≤ 1")
     alone("vault_per_rotation", "Vault requests per rotation (mint, verify, revoke previous)",
           "n/a" if rot["vault_per_rotation"] is None else f"{rot['vault_per_rotation']:.1f}")
     alone("p99_rotation", f"p99 latency within ±0.5 s of a rotation ({s.rotation_rate:g} fetches/s paced)",
@@ -941,6 +951,14 @@ def table_rows(results: dict[str, Any], s: Settings) -> list[tuple[str, str, str
           "≤ 1.1")
     assert tuple(r[0] for r in rows) == ROWS
     return rows
+
+
+def vault_per_1000_hourly(per_rotation: float | None, fetches_per_s: float) -> float | None:
+    """An hour of traffic with one rotation: that rotation's Vault requests (as measured) plus
+    the periodic checks of ``current``, per 1,000 of the hour's fetches."""
+    if per_rotation is None or fetches_per_s <= 0:
+        return None
+    return (per_rotation + 3600 / CHECK_INTERVAL) / (fetches_per_s * 3600) * 1000
 
 
 def markdown_table(rows: list[tuple[str, str, str, str, str, str]]) -> str:
@@ -1008,7 +1026,7 @@ def render(results: dict[str, Any], s: Settings, rows: list[tuple[str, str, str,
         f"Machine: {m['nproc']} CPUs ({m['cpu']}), Linux {m['kernel']}; Python {m['python']}, "
         f"{m['ssl']} (stdlib `ssl`), {m['cryptography_openssl']} (in `cryptography`), aiohttp {m['aiohttp']}, "
         f"uvloop {m['uvloop']}, {m['bao']}. Servers pinned to CPU {sorted(results['server_cpus'])}, load generator "
-        f"to CPU {sorted(results['load_cpus'])}. Load average at start {' '.join(results['loadavg_start'])}, "
+        f"and OpenBao to CPU {sorted(results['load_cpus'])}. Load average at start {' '.join(results['loadavg_start'])}, "
         f"at end {' '.join(results['loadavg_end'])}: other work on the machine shows up as noise.",
         "",
         f"Settings: broker TLS engine `{results['tls_engine']}`; {s.seconds:g} s per load run after {s.warmup:g} s "
