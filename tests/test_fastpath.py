@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import pytest
 
@@ -174,6 +175,25 @@ async def test_a_client_that_does_not_read_gets_every_answer_once_it_does(broker
     assert (await conn.answer())[0] == 200
     conn.close()
     await b.wait_for(lambda: served(b) == count, what="every fetch audited")
+
+
+async def test_a_client_that_never_reads_is_not_read_from_either(brokers: BrokerFactory) -> None:
+    """Flow control: once its answers back up, the broker stops reading that connection, so a
+    client pipelining without reading fills its own send buffer, not the broker's memory."""
+    b = await brokers.start(server_extra="rate_limit = 0")
+
+    def flood() -> str:
+        with socket.create_connection(("127.0.0.1", b.broker.api_port), timeout=5) as raw:
+            with b.pki.client_context("job").wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.settimeout(3)
+                try:
+                    tls.sendall(FETCH * 400_000)  # ~18 MB of requests, never reading an answer
+                except (TimeoutError, socket.timeout):
+                    return "send blocked"
+                return "all sent"
+
+    assert await asyncio.to_thread(flood) == "send blocked"
+    assert (await b.get_token())["profile"] == "demo"
 
 
 async def test_an_idle_connection_is_closed_after_the_keepalive_timeout(

@@ -170,40 +170,43 @@ class FastPathProtocol(asyncio.Protocol):
         self._writing_paused = True
         if self._handler is not None:
             self._handler.pause_writing()
+        elif self._transport is not None:
+            self._transport.pause_reading()  # a client that does not read its answers sends no more
 
     def resume_writing(self) -> None:
         self._writing_paused = False
         if self._handler is not None:
             self._handler.resume_writing()
-        else:
+        elif self._transport is not None:
+            self._transport.resume_reading()
             self._serve_pending()
 
     # --- the hot route --------------------------------------------------------------------
 
     def _serve_pending(self) -> None:
-        """Answer complete hot requests in order; a client that does not read its answers
-        (writing paused) gets no more until it does."""
-        while self._pending and not self._writing_paused and self._transport is not None:
-            pending = self._pending
-            if not pending.startswith(_PREFIX[:len(pending)]):
-                self._hand_over()
-                return
-            end = pending.find(_HEAD_END)
-            if end < 0:
-                if len(pending) > _MAX_HEAD:
-                    self._hand_over()
-                return  # wait for the rest of the head
-            answered = self._answer(pending[:end + 4])
-            if answered is None:
-                self._hand_over()
-                return
-            response, close = answered
-            self._pending = pending[end + 4:]
-            self._last_active = self._loop.time()
-            self._transport.write(response)
-            if close:
-                self._transport.close()
-                return
+        """Answer the complete hot requests in ``_pending`` in order (pipelining), keep an
+        incomplete head for the next read, hand over at the first request that is not hot."""
+        pending, start, hot = self._pending, 0, True
+        while hot and start < len(pending) and not self._writing_paused and self._transport is not None:
+            end = pending.find(_HEAD_END, start)
+            if not pending.startswith(_PREFIX[:len(pending) - start], start):
+                hot = False
+            elif end < 0:
+                hot = len(pending) - start <= _MAX_HEAD  # wait for the rest, unless too long for a fetch
+                break
+            elif (answered := self._answer(pending[start:end + 4])) is None:
+                hot = False
+            else:
+                start = end + 4
+                response, close = answered
+                self._last_active = self._loop.time()
+                self._transport.write(response)
+                if close:
+                    self._transport.close()
+                    start = len(pending)  # nothing after a Connection: close is answered
+        self._pending = pending[start:]
+        if not hot:
+            self._hand_over()
 
     def _answer(self, head: bytes) -> tuple[bytes, bool] | None:
         """(the response, whether to close after it) for one request head, or None."""
