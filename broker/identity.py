@@ -13,7 +13,6 @@ glob, so ``cn:*`` never matches a ``uri:`` identity. Note that ``*`` also matche
 from __future__ import annotations
 
 import hashlib
-
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -42,6 +41,8 @@ class Caller:
     def from_der(cls, der: bytes) -> Caller:
         """The caller a verified certificate (DER) names; CertError if it cannot be parsed."""
         return cls(identities_from_der(der), hashlib.sha256(der).hexdigest())
+
+
 # getpeercert() spells SAN types like OpenSSL's X509V3_EXT_print; we keep URI and DNS only.
 _PEERCERT_SAN_KINDS = {"URI": "uri", "DNS": "dns"}
 

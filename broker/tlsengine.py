@@ -139,8 +139,8 @@ class _Records:
 
     Why not ``Connection.recv/send/bio_read/bio_write``: each call allocates a fresh buffer of
     the asked size, and "nothing more to read" arrives as a raised ``WantReadError``; at one
-    request per TLS record that wrapper work was a quarter of a keep-alive fetch (the numbers
-    are in bench/results.md and the commit). This class holds the connection's ``SSL*`` and
+    request per TLS record that wrapper work was about a quarter of a keep-alive fetch (profile
+    and bench numbers in the commit that introduced this class). This class holds the connection's ``SSL*`` and
     its two memory BIOs and reads through one scratch buffer per listener (the event loop is
     single-threaded). The handshake, the verify callback, shutdown and every query stay on
     pyOpenSSL's public API. Should pyOpenSSL rename these private attributes, every TLS test
