@@ -79,6 +79,26 @@ async def test_one_connection_serves_fetches_then_other_routes_then_fetches_agai
     b.seen_secrets.add(json.loads(body)["token"])
 
 
+def vault_requests(b: RunningBroker) -> float:
+    return sum(sample.value for metric in b.broker.metrics.registry.collect()
+               if metric.name == "broker_vault_requests" for sample in metric.samples
+               if sample.name == "broker_vault_requests_total")
+
+
+async def test_shared_fetches_touch_no_vault(brokers: BrokerFactory) -> None:
+    b = await brokers.start({"demo": {"ttl": "1h", "grace": "10m", "rotate_after": "40m"}},
+                            server_extra="rate_limit = 0")
+    before = vault_requests(b)
+    assert before > 0  # the first mint and its verification were counted
+    conn = await Conn.open(b)
+    for _ in range(300):
+        await conn.send(FETCH)
+        assert (await conn.answer())[0] == 200
+    conn.close()
+    assert vault_requests(b) == before
+    assert served(b) == 300
+
+
 async def test_pipelined_requests_are_answered_in_order_across_the_hand_over(brokers: BrokerFactory) -> None:
     b = await brokers.start()
     conn = await Conn.open(b)
