@@ -7,6 +7,7 @@ Callers pass token *fingerprints*, never values: ``token_fp`` is the only token 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -39,6 +40,10 @@ _LINE_ENCODER = json.JSONEncoder(separators=(",", ":"))
 _FIELDS = ("event", "profile", "identity", "generation", "token_fp", "outcome", "reason")  # after "ts"
 
 
+def _render_fields(key: tuple[Any, ...]) -> str:
+    return _LINE_ENCODER.encode(dict(zip(_FIELDS, key)))
+
+
 def repair_torn_tail(path: Path) -> bool:
     """Cut a partial last line left by a crash mid-write; returns True if something was cut."""
     try:
@@ -68,7 +73,7 @@ class AuditLog:
     """``refuse_on_failure``: an event that cannot be written raises AuditUnavailable (and the
     API hands out no token); otherwise the failure is logged and the event dropped."""
 
-    RENDERED_LIMIT = 4096  # distinct events kept rendered before starting over
+    RENDERED_LIMIT = 4096  # distinct events kept rendered
 
     def __init__(self, path: Path, clock: Clock, refuse_on_failure: bool = True) -> None:
         self.path = path
@@ -78,7 +83,9 @@ class AuditLog:
         self.healthy = True
         self._second = -1
         self._second_text = ""
-        self._rendered: dict[tuple[Any, ...], str] = {}
+        # Everything but the timestamp, JSON-encoded once per distinct event: every fetch of a
+        # profile by one identity writes the same fields until the next rotation.
+        self._render = functools.lru_cache(maxsize=self.RENDERED_LIMIT)(_render_fields)
 
     def open(self) -> None:
         """Open for appending; a failure here is reported like a failed write, not fatal,
@@ -96,14 +103,6 @@ class AuditLog:
             self._fd = None
             self.healthy = False
             log.error("audit_open_failed path=%s error=%s", self.path, exc.strerror or exc)
-
-    def _render(self, key: tuple[Any, ...]) -> str:
-        """Everything but the timestamp, JSON-encoded once per distinct event: every fetch of a
-        profile by one identity writes the same fields until the next rotation."""
-        if len(self._rendered) >= self.RENDERED_LIMIT:
-            self._rendered.clear()
-        rest = self._rendered[key] = _LINE_ENCODER.encode(dict(zip(_FIELDS, key)))
-        return rest
 
     def _timestamp(self) -> str:
         """rfc3339(now), with the part before the milliseconds formatted once per second:
@@ -138,7 +137,7 @@ class AuditLog:
         if extra:
             rest = _LINE_ENCODER.encode({**dict(zip(_FIELDS, key)), **extra})
         else:
-            rest = self._rendered.get(key) or self._render(key)
+            rest = self._render(key)
         line = f'{{"ts":"{self._timestamp()}",{rest[1:]}\n'.encode()
         try:
             if self._fd is None:

@@ -19,6 +19,7 @@ timeout frees its slot.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -56,35 +57,18 @@ class KnownCertificates:
     in Python costs more than the rest of a fetch. Both are properties of the DER bytes alone;
     the chain, validity and CA are still checked by OpenSSL in every handshake."""
 
-    LIMIT = 1024  # distinct certificates remembered before starting over
+    LIMIT = 1024  # distinct certificates remembered
 
     def __init__(self) -> None:
-        self._client_auth: dict[bytes, bool] = {}
-        self._callers: dict[bytes, Caller] = {}
+        self._client_auth = functools.lru_cache(maxsize=self.LIMIT)(_has_client_auth)
+        self.caller = functools.lru_cache(maxsize=self.LIMIT)(Caller.from_der)
 
     def verify(self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
         """OpenSSL checked the chain (and, for a server, the sslclient purpose); we add that the
         leaf must *have* an EKU with clientAuth, which OpenSSL lets pass when EKU is absent."""
         if not ok:
             return False
-        if depth > 0:
-            return True
-        der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
-        allowed = self._client_auth.get(der)
-        if allowed is None:
-            allowed = _remember(self._client_auth, der, _has_client_auth(der), self.LIMIT)
-        return allowed
-
-    def caller(self, der: bytes) -> Caller:
-        known = self._callers.get(der)
-        return known if known is not None else _remember(self._callers, der, Caller.from_der(der), self.LIMIT)
-
-
-def _remember(cache: dict[bytes, Any], key: bytes, value: Any, limit: int) -> Any:
-    if len(cache) >= limit:
-        cache.clear()
-    cache[key] = value
-    return value
+        return depth > 0 or self._client_auth(crypto.dump_certificate(crypto.FILETYPE_ASN1, cert))
 
 
 # OpenSSL's SSL_MODE_NO_AUTO_CHAIN (pyOpenSSL has no name for it): send the chain in the
