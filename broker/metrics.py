@@ -16,8 +16,7 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self._request_children: dict[tuple[str, str], Any] = {}
-        self._duration_children: dict[str, Any] = {}
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self.token_requests = Counter(
             "broker_token_requests", "Token fetches by profile and outcome.",
             ["profile", "outcome"], registry=registry,
@@ -65,18 +64,23 @@ class Metrics:
             "broker_revocations_pending", "Token revocations scheduled but not yet done.", registry=registry,
         )
 
-    def count_request(self, profile: str, outcome: str) -> None:
-        """``broker_token_requests_total`` +1; the labelled child is looked up once, not per request."""
-        child = self._request_children.get((profile, outcome))
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """The labelled child, looked up in prometheus_client (a lock and a dict) once, not per
+        event: these are counted on every fetch and every handshake."""
+        key = (metric, labels)
+        child = self._children.get(key)
         if child is None:
-            child = self._request_children[(profile, outcome)] = self.token_requests.labels(profile, outcome)
-        child.inc()
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def count_request(self, profile: str, outcome: str) -> None:
+        self._child(self.token_requests, profile, outcome).inc()
 
     def observe_request(self, route: str, seconds: float) -> None:
-        child = self._duration_children.get(route)
-        if child is None:
-            child = self._duration_children[route] = self.request_duration.labels(route)
-        child.observe(seconds)
+        self._child(self.request_duration, route).observe(seconds)
+
+    def count_handshake(self, outcome: str) -> None:
+        self._child(self.tls_handshakes, outcome).inc()
 
     def record_state(self, profile: str, current_expires: float | None, previous_expires: float | None,
                      generation: int, failures: int) -> None:

@@ -131,7 +131,7 @@ class Broker:
             await runner.setup()
             self._runners.append(runner)
         await TLSSockSite(api, api_sock, tls_context=self.tls_context, handshake_timeout=cfg.server.handshake_timeout,
-                          observe=lambda outcome: self.metrics.tls_handshakes.labels(outcome).inc()).start()
+                          observe=self.metrics.count_handshake).start()
         await web.SockSite(ops, ops_sock).start()
         log.info("listening api=https://%s:%d ops=http://%s:%d", cfg.server.host, self.api_port,
                  cfg.ops.host, self.ops_port)

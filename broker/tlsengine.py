@@ -38,6 +38,9 @@ log = logging.getLogger("broker.tls")
 
 # One TLS record's worth (16 KiB of plaintext; a little more of ciphertext) per read.
 _READ_SIZE = 17 * 1024
+# While a read is being handled, answers are held back to leave in one write, up to this much:
+# beyond it they go at once, so that the socket's flow control still sees them.
+_CORK_LIMIT = 16 * 1024
 
 HandshakeObserver = Callable[[str], None]  # outcome: success | failure | timeout
 
@@ -249,6 +252,8 @@ class TLSServerProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._peer_der: bytes | None = None
         self._caller: Caller | None = None
+        self._corked = False
+        self._held = 0  # plaintext bytes encrypted but not yet written while corked
         self.raw: asyncio.Transport | None = None
 
     # --- from the socket ----------------------------------------------------------------
@@ -262,9 +267,15 @@ class TLSServerProtocol(asyncio.Protocol):
             log.debug("tls_error reason=the connection takes no more input")
             self.abort()
             return
-        if self._app is None and not self._handshake():
-            return
-        self._deliver()
+        # What this read makes OpenSSL send — the end of the handshake, its session tickets,
+        # the answers to every request in it — leaves in one write, not one each.
+        self._corked = True
+        try:
+            if self._app is not None or self._handshake():
+                self._deliver()
+        finally:
+            self._corked = False
+            self._flush()
 
     def eof_received(self) -> bool | None:
         if self._app is not None:
@@ -292,13 +303,11 @@ class TLSServerProtocol(asyncio.Protocol):
         try:
             self._conn.do_handshake()
         except SSL.WantReadError:
-            self._flush()
-            return False
+            return False  # the next flight goes out with data_received's flush
         except SSL.Error as exc:
             self._flush()  # the alert tells the client why
             self._fail("failure", _reason(exc))
             return False
-        self._flush()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -325,11 +334,10 @@ class TLSServerProtocol(asyncio.Protocol):
         if ended == _Records.FAILED:
             log.debug("tls_error after handshake reason=the record layer failed")
             self.abort()
-            return
-        self._flush()
 
     def _flush(self) -> None:
-        if self.raw is None:
+        self._held = 0
+        if self.raw is None or self.raw.is_closing():
             return
         ciphertext = self._records.drain()
         if ciphertext:
@@ -357,7 +365,9 @@ class TLSServerProtocol(asyncio.Protocol):
             log.debug("tls_error reason=cannot encrypt the response")
             self.abort()
             return
-        self._flush()
+        self._held += len(data)
+        if not self._corked or self._held >= _CORK_LIMIT:
+            self._flush()
 
     def close(self) -> None:
         if self.raw is None or self.raw.is_closing():

@@ -5,12 +5,16 @@ Requests are written by hand so that what reaches the broker is exactly what the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
+import threading
+import time
 
 import pytest
 
 from broker.api import fastpath
+from broker.service import TLSSockSite
 from tests.conftest import BrokerFactory, RunningBroker
 
 FETCH = b"GET /v1/tokens/demo HTTP/1.1\r\nHost: localhost\r\n\r\n"
@@ -214,6 +218,31 @@ async def test_a_client_that_never_reads_is_not_read_from_either(brokers: Broker
 
     assert await asyncio.to_thread(flood) == "send blocked"
     assert (await b.get_token())["profile"] == "demo"
+
+
+async def test_answers_held_for_one_write_still_meet_flow_control(brokers: BrokerFactory) -> None:
+    """The TLS engine holds the answers to one read back to leave in one write, but only up to
+    16 KiB: a read of thousands of pipelined fetches must not put megabytes of answers in the
+    broker's write buffer before flow control can stop it."""
+    b = await brokers.start(server_extra="rate_limit = 0")
+    sent = threading.Event()
+
+    def flood() -> None:
+        with socket.create_connection(("127.0.0.1", b.broker.api_port), timeout=5) as raw:
+            with b.pki.client_context("job").wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.settimeout(3)
+                with contextlib.suppress(TimeoutError, socket.timeout):
+                    tls.sendall(FETCH * 400_000)
+                sent.set()
+                time.sleep(1)  # keep the connection open while the broker's side is looked at
+
+    flooding = asyncio.create_task(asyncio.to_thread(flood))
+    await asyncio.to_thread(sent.wait, 30)
+    [site] = [s for runner in b.broker._runners for s in runner.sites if isinstance(s, TLSSockSite)]
+    assert site._connections is not None
+    buffered = [c._transport.get_write_buffer_size() for c in site._connections.open if c._transport]
+    assert buffered and max(buffered) < 128 * 1024, buffered
+    await flooding
 
 
 async def test_an_idle_connection_is_closed_after_the_keepalive_timeout(
