@@ -143,6 +143,29 @@ async def test_hot_route_and_full_handler_answer_alike(brokers: BrokerFactory) -
     conn.close()
 
 
+async def test_a_head_is_parsed_once_and_still_authorized_per_connection(
+        brokers: BrokerFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Byte-identical heads are parsed by aiohttp once (HotRoute remembers the result); who may
+    fetch is still decided for each connection's certificate. Long heads are not remembered."""
+    parsed: list[int] = []
+    parse = fastpath.parse_hot_head
+    monkeypatch.setattr(fastpath, "parse_hot_head", lambda head: parsed.append(len(head)) or parse(head))
+    b = await brokers.start()
+    long_fetch = FETCH[:-2] + b"X-Padding: " + b"p" * 3000 + b"\r\n\r\n"
+    for cert, request, status in (("job", FETCH, 200), ("job", FETCH, 200), ("stranger", FETCH, 403),
+                                  ("job", long_fetch, 200), ("job", long_fetch, 200)):
+        conn = await Conn.open(b, cert)
+        await conn.send(request)
+        answer = await conn.answer()
+        assert answer[0] == status, (cert, answer)
+        if status == 200:
+            b.seen_secrets.add(json.loads(answer[2])["token"])
+        conn.close()
+    assert parsed.count(len(FETCH)) == 1
+    assert parsed.count(len(long_fetch)) == 2
+    assert served(b) == 4
+
+
 async def test_a_head_split_across_records_is_waited_for(brokers: BrokerFactory) -> None:
     b = await brokers.start()
     conn = await Conn.open(b)

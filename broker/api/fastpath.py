@@ -8,7 +8,9 @@ listener starts here, in a small protocol that parses each request head with aio
 HTTP parser and answers the common case itself: a bodiless HTTP/1.1 ``GET /v1/tokens/<name>``
 without a query, for a shared profile this certificate may fetch, whose current token can be
 served now (``handlers.served_from_cache``: the same allow-list, rate limit, audit event and
-metrics as the full handler).
+metrics as the full handler). A job's client sends the same bytes for every fetch, so each
+distinct head is parsed once (``HotRoute.parse``); who may fetch is still decided for every
+request from its own connection's certificate.
 
 Anything else — another route, a body, a query, an upgrade, HTTP/1.0, a request the full
 handler words an error for, bytes the parser rejects — hands the connection, with every byte
@@ -19,12 +21,14 @@ every other behaviour, and a connection is in exactly one of the two states.
 from __future__ import annotations
 
 import asyncio
+import functools
 import http
 import logging
 import time
 from collections.abc import Callable
 from email.utils import formatdate
 
+from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
@@ -40,18 +44,26 @@ ROUTE = "/v1/tokens/{profile}"  # the metric label aiohttp's router gives the sa
 _PREFIX = b"GET /v1/tokens/"
 _HEAD_END = b"\r\n\r\n"
 _MAX_HEAD = MAX_REQUEST_LINE + 16 * 1024  # a longer head goes to aiohttp, which words the error
+_REMEMBERED_HEAD = 2048  # heads up to this long are remembered parsed (a fetch's is ~100-300 bytes)
 
 
 class HotRoute:
     """Answers one parsed request head with the whole HTTP response, or None to hand it on."""
 
     OK_CACHE_LIMIT = 64  # distinct 200 responses kept within one second
+    HEADS_LIMIT = 256  # distinct request heads remembered parsed
 
     def __init__(self, deps: ApiDeps) -> None:
         self.deps = deps
         self._second = -1
         self._date = ""
         self._ok: dict[tuple[str, bytes, bool], bytes] = {}
+        self._remembered = functools.lru_cache(maxsize=self.HEADS_LIMIT)(parse_hot_head)
+
+    def parse(self, head: bytes) -> RawRequestMessage | None:
+        """:func:`parse_hot_head`, once per distinct head: a job's client sends the same bytes
+        for every fetch, and aiohttp's parser (~7 µs) was the largest single cost of one."""
+        return self._remembered(head) if len(head) <= _REMEMBERED_HEAD else parse_hot_head(head)
 
     def answer(self, caller: Caller, message: RawRequestMessage) -> bytes | None:
         name = message.path[len("/v1/tokens/"):]
@@ -107,6 +119,21 @@ class HotRoute:
             self._ok.clear()
 
 
+def parse_hot_head(head: bytes) -> RawRequestMessage | None:
+    """One complete request head parsed by aiohttp's parser, if it is a request this route may
+    answer; None if not (or malformed: aiohttp's handler parses it again and answers the 400).
+    A pure function of the bytes: a fresh parser each time, so no state carries over."""
+    loop = asyncio.get_running_loop()
+    parser = HttpRequestParser(BaseProtocol(loop), loop, 2**16, max_line_size=MAX_REQUEST_LINE)
+    try:
+        messages, upgraded, _tail = parser.feed_data(head)
+    except HttpProcessingError:
+        return None
+    if upgraded or len(messages) != 1 or not _answerable(*messages[0]):
+        return None
+    return messages[0][0]
+
+
 def _answerable(message: RawRequestMessage, payload: object) -> bool:
     """The only requests served here: bodiless HTTP/1.1 GETs without a query or an upgrade."""
     return (message.method == "GET" and message.version == HttpVersion11 and payload is EMPTY_PAYLOAD
@@ -118,7 +145,7 @@ class FastPathProtocol(asyncio.Protocol):
     """One API connection: hot requests answered here until the first other one, then
     aiohttp's handler (``fallback()``) owns the connection."""
 
-    __slots__ = ("_route", "_fallback", "_open", "_loop", "_transport", "_caller", "_parser", "_pending",
+    __slots__ = ("_route", "_fallback", "_open", "_loop", "_transport", "_caller", "_pending",
                  "_handler", "_last_active", "_idle_timer", "_writing_paused")
 
     def __init__(self, route: HotRoute, fallback: Callable[[], asyncio.Protocol],
@@ -129,7 +156,6 @@ class FastPathProtocol(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._caller: Caller | None = None
-        self._parser: HttpRequestParser | None = None
         self._pending = b""
         self._handler: asyncio.Protocol | None = None
         self._last_active = 0.0
@@ -212,22 +238,15 @@ class FastPathProtocol(asyncio.Protocol):
         """(the response, whether to close after it) for one request head, or None."""
         if self._caller is None:
             return None
-        if self._parser is None:
-            self._parser = HttpRequestParser(self, self._loop, 2**16, max_line_size=MAX_REQUEST_LINE)
-        try:
-            messages, upgraded, _tail = self._parser.feed_data(head)
-        except HttpProcessingError:
-            return None  # malformed: aiohttp's handler parses it again and answers the 400
-        if upgraded or len(messages) != 1 or not _answerable(*messages[0]):
+        message = self._route.parse(head)
+        if message is None:
             return None
-        message = messages[0][0]
         response = self._route.answer(self._caller, message)
         return None if response is None else (response, message.should_close)
 
     def _hand_over(self) -> None:
         """From now on aiohttp's handler owns the connection, starting with the unanswered bytes."""
         self._stop_tracking()
-        self._parser = None
         handler = self._handler = self._fallback()
         handler.connection_made(self._transport)  # type: ignore[arg-type]
         if self._writing_paused:
