@@ -11,9 +11,10 @@ drained from the write BIO onto the socket.
 What the handshake enforces, and why it is stricter than the stdlib engine could be: TLS 1.3
 only, exactly the configured suites, a client certificate chaining to ``client_ca`` (strict
 X.509), valid now, with an extendedKeyUsage that includes clientAuth — a cert without any EKU
-is refused here, in the handshake. No session tickets (a resumed session would skip the
-client-certificate check after a CA change). A handshake that does not finish within the
-timeout frees its slot.
+is refused here, in the handshake. No session is ever resumed (a resumed session would skip the
+client-certificate check, and with it a CA change): stateless tickets and the session cache are
+off, so the stateful tickets OpenSSL still sends in TLS 1.3 name nothing. A handshake that
+does not finish within the timeout frees its slot.
 """
 
 from __future__ import annotations

@@ -34,14 +34,15 @@ def table(text: str) -> list[list[str]]:
 
 def test_quick_run_produces_every_row(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "bench.run", "--quick", "--seconds", "0.5", "--warmup", "0.1",
-            "--connections", "4", "--fresh-concurrency", "2", "--idle-connections", "20",
+            "--connections", "4", "--fresh-concurrency", "2", "--idle-connections", "20", "--repeat", "2",
             "--rotation-seconds", "4", "--rotation-ttl", "6", "--rotation-after", "2", "--rotation-grace", "2.5",
             "--rotation-rate", "100", "--rotation-connections", "2",
             "--output-dir", str(tmp_path), "--no-plot", "--timeout", "150"]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
 
-    rows = table((tmp_path / "results.md").read_text())
+    text = (tmp_path / "results.md").read_text()
+    rows = table(text)
     assert len(rows) == len(ROWS), rows
     for cells in rows:
         assert len(cells) == 5 and cells[0] and cells[1], cells
@@ -50,3 +51,5 @@ def test_quick_run_produces_every_row(tmp_path: Path) -> None:
     assert rows[-1][0].startswith("p99 around a rotation")
     assert table(done.stdout) == rows  # the same table on stdout
     assert not (tmp_path / "latency.png").exists()  # --no-plot
+    [spread] = [line for line in text.splitlines() if "side-by-side run(s) per mode" in line]
+    assert spread.count("µs") + spread.count(" ms") == 8, spread  # 2 runs x 2 servers x 2 modes

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 
 import aiohttp
 import pytest
@@ -79,6 +80,34 @@ async def test_the_server_sends_the_chain_in_its_cert_file_as_it_is(brokers: Bro
             return [cert.subject.rfc4514_string() for cert in sent]
 
     assert await asyncio.to_thread(chain) == ["CN=localhost"]
+
+
+def _whoami_resuming(port: int, ctx: ssl.SSLContext,
+                     session: ssl.SSLSession | None) -> tuple[ssl.SSLSession, bool, bytes]:
+    """GET /v1/whoami on a new connection offering ``session``: (the session it leaves, whether
+    the server resumed, the answer)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+            tls.sendall(b"GET /v1/whoami HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := tls.recv(4096):  # the session tickets, if any, arrive before the answer
+                answer += chunk
+            assert tls.session is not None
+            return tls.session, tls.session_reused, answer
+
+
+async def test_no_session_is_ever_resumed(brokers: BrokerFactory) -> None:
+    """A resumed TLS 1.3 session skips the client certificate, so a CA change or a revoked cert
+    would not apply to it: every connection must be a full handshake. (OpenSSL still sends
+    stateful tickets with OP_NO_TICKET; with the session cache off they name nothing.)"""
+    b = await brokers.start()
+    ctx = b.pki.client_context("job")  # a session belongs to the client context that made it
+    session, reused, answer = await asyncio.to_thread(_whoami_resuming, b.broker.api_port, ctx, None)
+    assert not reused and answer.startswith(b"HTTP/1.1 200")
+    for _ in range(2):
+        _, reused, answer = await asyncio.to_thread(_whoami_resuming, b.broker.api_port, ctx, session)
+        assert not reused and answer.startswith(b"HTTP/1.1 200")
+    assert b.metric("broker_tls_handshakes_total", outcome="success") == 3
 
 
 async def test_handshake_timeouts_are_counted(brokers: BrokerFactory) -> None:
