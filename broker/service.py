@@ -203,7 +203,8 @@ def build(config: Config, clock: Clock | None = None, registry: CollectorRegistr
     vcfg = config.vault
     vault = VaultClient(VaultClientConfig(address=vcfg.address, timeout=vcfg.timeout,
                                           ca_cert=str(vcfg.ca_cert) if vcfg.ca_cert else None), metrics)
-    auth = Authenticator(vault, [method_from_config(a) for a in vcfg.auth], clock, audit, metrics, rng)
+    auth = Authenticator(vault, [method_from_config(a, config.state.dir) for a in vcfg.auth], clock, audit, metrics,
+                         rng)
     cache = TokenCache()
     revocations = RevocationQueue(store, vault, auth, clock, audit, metrics, rng)
     rotators = {

@@ -5,6 +5,7 @@ TLS certificate auth, and the fallback order with the primary retried (and won b
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 import uuid
@@ -238,7 +239,7 @@ async def test_a_new_secret_id_that_cannot_log_in_is_discarded_and_the_old_one_k
     assert not _secret_id_exists(private_openbao, s.approle, original)
 
 
-async def test_a_kill_between_write_and_destroy_still_logs_in_on_restart(
+async def test_a_kill_between_write_and_destroy_logs_in_and_destroys_the_old_one_on_restart(
         brokers: BrokerFactory, private_openbao: OpenBaoDevServer, tmp_path: Path,
         created_secret_ids: Created, monkeypatch: pytest.MonkeyPatch) -> None:
     s = Setup(private_openbao, tmp_path)
@@ -250,22 +251,58 @@ async def test_a_kill_between_write_and_destroy_still_logs_in_on_restart(
         await asyncio.Event().wait()  # the process "dies" here: nothing after this step runs
 
     monkeypatch.setattr(VaultClient, "destroy_secret_id_accessor", killed_here)
+    directory = tmp_path / "broker"
     first = await brokers.start(vault=private_openbao, roles=s.roles,
-                                auth=[s.approle_auth(rotate_secret_id="1s")], directory=tmp_path / "first")
+                                auth=[s.approle_auth(rotate_secret_id="1s")], directory=directory)
     _remember(first, original)
     await asyncio.wait_for(reached.wait(), timeout=10)
     await first.shutdown()
+    monkeypatch.undo()
     _remember(first, *created_secret_ids)
 
     written = s.secret_id
     assert written != original and written == created_secret_ids[0].secret_id
     assert _secret_id_exists(private_openbao, s.approle, original), "the kill came before the destroy"
+    [pending] = (directory / "state").glob("secret_ids_to_destroy.*.json")
+    assert stat.S_IMODE(pending.stat().st_mode) == 0o600
+    kept = _root(private_openbao).auth.approle.read_secret_id(s.approle, original)["data"]["secret_id_accessor"]
+    assert json.loads(pending.read_text()) == [kept], "only accessors are kept, never a secret_id"
+    before = len(first.audit_events())
 
-    second = await brokers.start(vault=private_openbao, roles=s.roles, auth=[s.approle_auth()],
-                                 directory=tmp_path / "second")
+    # The same state directory, rotation no longer configured: what the crash left is still done.
+    second = await brokers.start(vault=private_openbao, roles=s.roles, auth=[s.approle_auth()], directory=directory)
     _remember(second, original, *created_secret_ids)
-    assert _events(second, "vault_login", "vault_login_failed") == [("vault_login", "approle")]
+    await second.wait_for(lambda: not _secret_id_exists(private_openbao, s.approle, original),
+                          what="the replaced secret_id destroyed after the restart")
+    assert _secret_id_accessors(private_openbao, s.approle) == [created_secret_ids[0].accessor]
+    await second.wait_for(lambda: json.loads(pending.read_text()) == [], what="nothing left pending")
+    logins = [(e["event"], e.get("method")) for e in second.audit_events()[before:]
+              if e["event"] in ("vault_login", "vault_login_failed")]
+    assert logins == [("vault_login", "approle")]
+    assert _login_works(private_openbao, s.role_id, written)
     assert _valid_at(private_openbao, (await second.get_token())["token"])
+
+
+async def test_a_listed_secret_id_that_is_in_the_file_is_never_destroyed(
+        brokers: BrokerFactory, private_openbao: OpenBaoDevServer, tmp_path: Path) -> None:
+    """A crash between writing the new secret_id and updating the pending list leaves the new
+    one listed; after the restart it must be spared (destroying it would lock the broker out at
+    its next login), and the others destroyed."""
+    s = Setup(private_openbao, tmp_path)
+    root = _root(private_openbao)
+    in_file = root.auth.approle.read_secret_id(s.approle, s.secret_id)["data"]["secret_id_accessor"]
+    stale = root.auth.approle.generate_secret_id(s.approle)["data"]
+    directory = tmp_path / "broker"
+    pending = directory / "state" / auth_module._pending_name(s.files.secret_id_file)
+    pending.parent.mkdir(parents=True)
+    pending.write_text(json.dumps([in_file, stale["secret_id_accessor"]]))
+
+    b = await brokers.start(vault=private_openbao, roles=s.roles, auth=[s.approle_auth()], directory=directory)
+    _remember(b, s.secret_id, stale["secret_id"])
+    await b.wait_for(lambda: json.loads(pending.read_text()) == [], what="the pending list worked off")
+    assert _secret_id_accessors(private_openbao, s.approle) == [in_file]
+    assert _login_works(private_openbao, s.role_id, s.secret_id)
+    assert b.broker.auth.method == "approle" and (await b.get_token())["token"]
 
 
 async def test_rotation_without_the_policy_paths_fails_quietly_and_keeps_the_login(

@@ -9,6 +9,8 @@ fallbacks), renews the resulting token, logs in again near its max TTL or when V
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import os
 import random
@@ -84,7 +86,7 @@ class AppRoleAuth:
     name = "approle"
 
     def __init__(self, mount: str, role_id_file: Path, secret_id_file: Path,
-                 rotate_every: float | None = None) -> None:
+                 rotate_every: float | None = None, state_dir: Path | None = None) -> None:
         self._mount = mount or "approle"
         self._role_id_file = role_id_file
         self._secret_id_file = secret_id_file
@@ -93,8 +95,10 @@ class AppRoleAuth:
         # names the role, so rotation waits for a first login with this method.
         self._role_name: str | None = None
         # Accessors of secret_ids to destroy: replaced ones Vault could not be told about yet,
-        # and a new one until it has proven itself and is in the file.
-        self._to_destroy: list[str] = []
+        # and a new one until it has proven itself and is in the file. Kept in the state
+        # directory, so that a restart destroys what a crash left (an accessor cannot log in).
+        self._pending_file = state_dir / _pending_name(secret_id_file) if state_dir is not None else None
+        self._to_destroy: list[str] = self._load_pending()
 
     async def login(self, vault: VaultClient) -> Login:
         role_id = _read_secret(self._role_id_file, "role_id")
@@ -117,6 +121,22 @@ class AppRoleAuth:
         except OSError:
             written = 0.0  # unreadable: the next step reports why
         return written + self.rotate_every
+
+    def _load_pending(self) -> list[str]:
+        if self._pending_file is None:
+            return []
+        try:
+            pending = json.loads(self._pending_file.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            log.error("secret_id_pending_unreadable path=%s error=%s", self._pending_file, exc)
+            return []
+        return [str(accessor) for accessor in pending] if isinstance(pending, list) else []
+
+    def _save_pending(self) -> None:
+        if self._pending_file is not None:
+            write_atomic(self._pending_file, json.dumps(self._to_destroy).encode(), mode=0o600)
 
     @property
     def destroys_pending(self) -> bool:
@@ -141,25 +161,35 @@ class AppRoleAuth:
         # Until it has logged in and is in the file, the new one is the one to throw away: if
         # anything below fails, the file still holds the old secret_id, which still works.
         self._to_destroy.append(new.accessor)
+        self._save_pending()
         old_accessor = await vault.secret_id_accessor(self._mount, role, old)
         login = await vault.login_approle(self._mount, role_id, new.secret_id)
-        write_atomic(self._secret_id_file, (new.secret_id + "\n").encode(), mode=0o600)
-        self._to_destroy.remove(new.accessor)
         if old_accessor is not None:
             self._to_destroy.append(old_accessor)
+            self._save_pending()  # both, until the file is written: destroy_replaced spares the one in it
+        write_atomic(self._secret_id_file, (new.secret_id + "\n").encode(), mode=0o600)
+        self._to_destroy.remove(new.accessor)
+        self._save_pending()
         return login, new.accessor
 
     async def destroy_replaced(self, vault: VaultClient) -> None:
-        """Destroy every replaced secret_id; stops at the first Vault error, keeping the rest."""
+        """Destroy every replaced secret_id, never the one in the file (a crash between writing
+        it and updating the pending list leaves it listed); stops at the first Vault error,
+        keeping the rest."""
         role = self._role_name
-        while self._to_destroy and role is not None:
+        if not self._to_destroy or role is None:
+            return
+        in_file = await vault.secret_id_accessor(self._mount, role, _read_secret(self._secret_id_file, "secret_id"))
+        while self._to_destroy:
             accessor = self._to_destroy[0]
-            try:
-                await vault.destroy_secret_id_accessor(self._mount, role, accessor)
-            except TokenInvalid:
-                pass  # already gone: an operator, or a destroy whose answer we never saw
+            if accessor != in_file:
+                try:
+                    await vault.destroy_secret_id_accessor(self._mount, role, accessor)
+                except TokenInvalid:
+                    pass  # already gone: an operator, or a destroy whose answer we never saw
+                log.info("secret_id_destroyed method=approle accessor_fp=%s", fingerprint(accessor))
             self._to_destroy.pop(0)
-            log.info("secret_id_destroyed method=approle accessor_fp=%s", fingerprint(accessor))
+            self._save_pending()
 
 
 class CertAuth:
@@ -175,12 +205,19 @@ class CertAuth:
         return await vault.login_cert(self._mount, str(self._cert_file), str(self._key_file), self._role)
 
 
-def method_from_config(cfg: AuthConfig) -> AuthMethod:
+def _pending_name(secret_id_file: Path) -> str:
+    """One file per AppRole method, named after its secret_id file (two methods may share a
+    file name in different directories)."""
+    digest = hashlib.sha256(str(secret_id_file.resolve()).encode()).hexdigest()[:12]
+    return f"secret_ids_to_destroy.{digest}.json"
+
+
+def method_from_config(cfg: AuthConfig, state_dir: Path | None = None) -> AuthMethod:
     if cfg.method == "token":
         return TokenAuth(cfg.token_file, cfg.token_env)
     if cfg.method == "approle":
         assert cfg.role_id_file is not None and cfg.secret_id_file is not None
-        return AppRoleAuth(cfg.mount, cfg.role_id_file, cfg.secret_id_file, cfg.rotate_secret_id)
+        return AppRoleAuth(cfg.mount, cfg.role_id_file, cfg.secret_id_file, cfg.rotate_secret_id, state_dir)
     if cfg.method == "cert":
         assert cfg.cert_file is not None and cfg.key_file is not None
         return CertAuth(cfg.mount, cfg.cert_file, cfg.key_file, cfg.cert_role)
@@ -364,8 +401,8 @@ class Authenticator:
         """The AppRole whose secret_id we rotate: only the one we are logged in with, because
         its login told us the role name and our token carries its secret-id policy."""
         current = self._current
-        if isinstance(current, AppRoleAuth) and current.rotate_every is not None:
-            return current
+        if isinstance(current, AppRoleAuth) and (current.rotate_every is not None or current.destroys_pending):
+            return current  # pending destroys (left by a crash) are done even if rotation was turned off
         return None
 
     def _rotation_at(self) -> float | None:
@@ -444,7 +481,7 @@ class Authenticator:
                 self._record("secret_id_rotated", method="approle", accessor_fp=fingerprint(accessor))
         try:
             await method.destroy_replaced(self._vault)
-        except VaultError as exc:
+        except (VaultError, OSError) as exc:  # OSError: the state directory took no write
             error = error or exc
         if error is None:
             self._rotation_failures = 0
