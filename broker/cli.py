@@ -213,7 +213,9 @@ def _emit(body: dict[str, object], args: argparse.Namespace) -> int:
 
     body = {k: v for k, v in body.items() if k != "refresh_token"}
     if os.environ.get("GITHUB_ACTIONS") == "true":
-        print(f"::add-mask::{body['token']}", flush=True)
+        # On stderr: the runner reads workflow commands from both streams (actions/runner,
+        # ScriptHandler.cs), and stdout may be $(...) or a file that must hold the token alone.
+        print(f"::add-mask::{body['token']}", file=sys.stderr, flush=True)
     text = _render(body, args.format, args.env_name)
     if args.output:
         try:

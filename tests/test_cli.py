@@ -170,18 +170,22 @@ async def test_get_output_replaces_a_world_readable_file_with_a_0600_one(b: Runn
     remember(b, shlex.split(target.read_text())[1].partition("=")[2])
 
 
-async def test_get_under_github_actions_masks_the_token_first(b: RunningBroker) -> None:
+async def test_get_under_github_actions_masks_the_token_on_stderr(b: RunningBroker) -> None:
+    """stdout holds the token alone, so VAULT_TOKEN=$(broker get demo) and `>> "$GITHUB_ENV"`
+    work; the runner reads the mask command from stderr."""
     run = await get_ok(b, "demo", env=job_env(b, GITHUB_ACTIONS="true"))
-    mask, token = run.out.splitlines()
-    assert mask == f"::add-mask::{token}"
+    token = run.out.removesuffix("\n")
+    assert run.out == token + "\n" and "\n" not in token, "one line: the token alone"
     remember(b, token)
+    assert run.err == f"::add-mask::{token}\n"
 
 
 async def test_get_under_github_actions_masks_even_with_output(b: RunningBroker, tmp_path: Path) -> None:
     target = tmp_path / "t"
     run = await get_ok(b, "demo", "--output", str(target), env=job_env(b, GITHUB_ACTIONS="true"))
     token = remember(b, target.read_text().strip())
-    assert run.out == f"::add-mask::{token}\n"
+    assert run.out == ""
+    assert run.err.splitlines()[0] == f"::add-mask::{token}"
 
 
 async def test_get_with_min_ttl(b: RunningBroker) -> None:

@@ -308,7 +308,8 @@ async def run_github_job(workflow: str, job: str, env: dict[str, str], tmp: Path
         if ran.code != 0 and not check:
             return result
         assert ran.code == 0, f"step {step.get('name')!r} failed: {ran}"
-        result.masks.update(line.removeprefix("::add-mask::") for line in ran.out.splitlines()
+        # The runner reads workflow commands from stdout and stderr alike (actions/runner, ScriptHandler.cs).
+        result.masks.update(line.removeprefix("::add-mask::") for line in (ran.out + ran.err).splitlines()
                             if line.startswith("::add-mask::"))
         env.update(_read_github_env(github_env))
         github_env.unlink(missing_ok=True)
