@@ -866,9 +866,12 @@ class Bench:
                                   "and latency there say more about the client than the server.")
             elapsed = r.get("elapsed") or 0
             if elapsed and max(r.get("server_cpu_wait_s", 0), r.get("client_cpu_wait_s", 0)) > 0.05 * elapsed:
-                self.notes.append(f"{key}: other processes held the cores (server waited for its CPU "
+                self.notes.append(f"{key}: runnable but not running for a while (server "
                                   f"{r.get('server_cpu_wait_s', 0):.2f} s, load generator "
-                                  f"{r.get('client_cpu_wait_s', 0):.2f} s of {elapsed:.1f} s): noisy numbers.")
+                                  f"{r.get('client_cpu_wait_s', 0):.2f} s of {elapsed:.1f} s): another process "
+                                  "had the core, or the process's own threads waited for each other on its "
+                                  "pinned core (bao proxy runs several Go runtime threads); CPU per fetch counts "
+                                  "only time on the CPU.")
             if r.get("late_sends"):
                 self.notes.append(f"{key}: {r['late_sends']} paced sends went out more than 5 ms late "
                                   "(the load generator fell behind).")
