@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import hvac
 import pytest
+import pytest_asyncio
 from prometheus_client import CollectorRegistry, generate_latest
 
 from broker import certs, tls
@@ -372,3 +373,20 @@ async def brokers(tmp_path: Path, pki: Pki, openbao: OpenBaoDevServer,
         yield factory
     finally:
         await factory.close()
+
+
+def module_broker(name: str, profiles: dict[str, dict[str, Any]]) -> Any:
+    """A module-scoped fixture: one broker with ``profiles`` for every test of a module (the
+    factory's leak scan runs at its teardown). Use as ``b = module_broker("cli", {...})``; the
+    module's tests need ``pytest.mark.asyncio(loop_scope="module")``."""
+
+    @pytest_asyncio.fixture(scope="module", loop_scope="module")
+    async def broker(tmp_path_factory: pytest.TempPathFactory, pki: Pki, openbao: OpenBaoDevServer,
+                     log_lines: list[str]) -> AsyncIterator[RunningBroker]:
+        factory = BrokerFactory(tmp_path_factory.mktemp(name), pki, openbao, log_lines)
+        try:
+            yield await factory.start(profiles)
+        finally:
+            await factory.close()
+
+    return broker

@@ -11,19 +11,17 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import pytest_asyncio
 from yarl import URL
 
 from broker.api import handlers
-from broker.devserver import OpenBaoDevServer
-from tests.conftest import BrokerFactory, Pki, RunningBroker
+from tests.conftest import Pki, RunningBroker, module_broker
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -33,14 +31,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def b(tmp_path_factory: pytest.TempPathFactory, pki: Pki, openbao: OpenBaoDevServer,
-            log_lines: list[str]) -> AsyncIterator[RunningBroker]:
-    factory = BrokerFactory(tmp_path_factory.mktemp("api-errors"), pki, openbao, log_lines)
-    try:
-        yield await factory.start(PROFILES)
-    finally:
-        await factory.close()
+b = module_broker("api-errors", PROFILES)
 
 
 # --- helpers -------------------------------------------------------------------------------

@@ -18,20 +18,19 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import hvac
 import pytest
-import pytest_asyncio
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from broker import certs
 from broker.devserver import OpenBaoDevServer, free_port
-from tests.conftest import DEFAULT_PROFILE, BrokerFactory, Pki, RunningBroker, token_is_valid, write_config
+from tests.conftest import DEFAULT_PROFILE, Pki, RunningBroker, module_broker, token_is_valid, write_config
 from tests.processes import Ran, run_process
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -39,15 +38,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 RUN_TIMEOUT = 30.0
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def b(tmp_path_factory: pytest.TempPathFactory, pki: Pki, openbao: OpenBaoDevServer,
-            log_lines: list[str]) -> AsyncIterator[RunningBroker]:
-    """One broker for the module (the ``brokers`` factory, with its leak scan at teardown)."""
-    factory = BrokerFactory(tmp_path_factory.mktemp("cli"), pki, openbao, log_lines)
-    try:
-        yield await factory.start({"demo": {}, "ops-only": {"allow": ["cn:ops"]}})
-    finally:
-        await factory.close()
+b = module_broker("cli", {"demo": {}, "ops-only": {"allow": ["cn:ops"]}})
 
 
 # --- running the CLI ------------------------------------------------------------------------

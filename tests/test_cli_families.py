@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
-from broker.devserver import OpenBaoDevServer
-from tests.conftest import BrokerFactory, Pki, RunningBroker, token_is_valid
+from tests.conftest import RunningBroker, module_broker, token_is_valid
 from tests.test_cli import assert_one_line_error, broker_cli, job_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -20,14 +17,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 PER_JOB = {"mode": "per-job", "ttl": "60s", "grace": "2s", "rotate_after": "40s", "allow": ["cn:job"]}
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def b(tmp_path_factory: pytest.TempPathFactory, pki: Pki, openbao: OpenBaoDevServer,
-            log_lines: list[str]) -> AsyncIterator[RunningBroker]:
-    factory = BrokerFactory(tmp_path_factory.mktemp("cli-families"), pki, openbao, log_lines)
-    try:
-        yield await factory.start({"deploy": PER_JOB})
-    finally:
-        await factory.close()
+b = module_broker("cli-families", {"deploy": PER_JOB})
 
 
 def _kept(path: Path, b: RunningBroker) -> dict[str, object]:

@@ -24,18 +24,16 @@ import shutil
 import stat
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 import yaml
 
 from broker.config import check_config
-from broker.devserver import OpenBaoDevServer
-from tests.conftest import BrokerFactory, Pki, RunningBroker, token_is_valid
+from tests.conftest import RunningBroker, module_broker, token_is_valid
 from tests.processes import Ran, run_process
 
 # Async tests share the module's broker, so they share its event loop; sync tests need no mark.
@@ -111,15 +109,7 @@ def assert_tokens_hidden(b: RunningBroker, tokens: Iterable[str], *outputs: str)
 
 # --- the broker the examples talk to ------------------------------------------------------
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def b(tmp_path_factory: pytest.TempPathFactory, pki: Pki, openbao: OpenBaoDevServer,
-            log_lines: list[str]) -> AsyncIterator[RunningBroker]:
-    """One broker for the module: ``demo`` (shared, as from ``broker dev``) and ``release`` (per-job)."""
-    factory = BrokerFactory(tmp_path_factory.mktemp("examples"), pki, openbao, log_lines)
-    try:
-        yield await factory.start({"demo": SHARED, "release": PER_JOB})
-    finally:
-        await factory.close()
+b = module_broker("examples", {"demo": SHARED, "release": PER_JOB})
 
 
 def load_yaml(name: str) -> dict[str, Any]:
