@@ -134,3 +134,25 @@ async def test_fetches_during_an_outage_do_not_call_vault(brokers: BrokerFactory
         assert status == 503 and body["error"] == "unavailable"
     assert creates() + logins() - before <= 2, "20 fetches did not turn into 20 Vault calls"
     proxy.heal()
+
+
+async def test_vault_is_reached_through_the_proxy_named_in_the_environment(
+        brokers: BrokerFactory, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Vault client reads HTTP(S)_PROXY / NO_PROXY once, at start (requests would re-read
+    the whole environment on every call): an address only the proxy can reach still works."""
+    for name in ("NO_PROXY", "no_proxy", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy.address)
+    b = await brokers.start({"demo": {}}, vault_address="http://vault.invalid:8200")
+    monkeypatch.delenv("HTTP_PROXY")  # read at start: the broker keeps using the proxy
+    assert b.broker.vault._hvac.session.proxies == {"http": proxy.address}
+    status, body, _ = await b.request("POST", "/v1/tokens/demo/rotate", cert="ops")  # a Vault call now
+    assert status == 200 and body["generation"] == 2
+    token = (await b.get_token())["token"]
+    assert token_is_valid(brokers.openbao, token)
+
+    monkeypatch.setenv("NO_PROXY", "vault.invalid")
+    from broker.vault.client import VaultClient, VaultClientConfig
+    direct = VaultClient(VaultClientConfig(address="http://vault.invalid:8200", timeout=1.0), b.broker.metrics)
+    assert direct._hvac.session.proxies == {}  # NO_PROXY names it: straight to the address
+    direct.close()
