@@ -151,7 +151,7 @@ class VaultClient:
         """A requests session that reads the environment once, here, not on every request.
 
         With ``trust_env`` on, requests scans the whole environment twice for proxy variables
-        and reads ~/.netrc for every Vault call: about a quarter of a call's CPU, spent on a
+        and reads ~/.netrc for every Vault call: about a fifth of a call's CPU, spent on a
         worker thread holding the GIL that the event loop needs to answer fetches. The same
         variables are honoured — HTTP(S)_PROXY / NO_PROXY for the Vault address,
         REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE when ``ca_cert`` is not set — as of start.
