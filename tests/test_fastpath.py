@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
+import ssl
 import threading
 import time
 
@@ -116,6 +118,43 @@ async def test_pipelined_requests_are_answered_in_order_across_the_hand_over(bro
     assert json.loads(answers[3][2])["token"] == token
     conn.close()
     assert served(b) == 3
+
+
+def _records_in_one_send(b: RunningBroker, requests: list[bytes]) -> bytes:
+    """Each request in its own TLS record, all records in one send(); what came back."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = b.pki.client_context("job").wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with socket.create_connection(("127.0.0.1", b.broker.api_port), timeout=10) as sock:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                incoming.write(sock.recv(65536))
+        sock.sendall(outgoing.read())
+        for request in requests:
+            tls.write(request)
+        sock.sendall(outgoing.read())
+        answers = b""
+        while answers.count(b"HTTP/1.1 200") < len(requests):
+            try:
+                answers += tls.read(65536)
+            except ssl.SSLWantReadError:
+                data = sock.recv(65536)
+                assert data, f"connection closed after {answers.count(b'HTTP/1.1 ')} answers"
+                incoming.write(data)
+        return answers
+
+
+async def test_records_arriving_together_are_all_answered(brokers: BrokerFactory) -> None:
+    """The TLS engine stops reading when OpenSSL holds nothing more; four records in one
+    segment must still give four answers, not one and a wait for more bytes."""
+    b = await brokers.start()
+    answers = await asyncio.to_thread(_records_in_one_send, b, [FETCH, PLAIN, FETCH, PLAIN])
+    assert answers.count(b"HTTP/1.1 200 OK\r\n") == 4
+    b.seen_secrets.update(json.loads(body)["token"] for body in re.findall(rb'\{"profile".*?\}', answers))
+    assert served(b) == 4
 
 
 async def test_hot_route_and_full_handler_answer_alike(brokers: BrokerFactory) -> None:
