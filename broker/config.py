@@ -91,6 +91,7 @@ class VaultConfig:
     auth: tuple[AuthConfig, ...]
     ca_cert: Path | None = None
     timeout: float = 5.0
+    allow_plaintext: bool = False  # http:// to a host that is not loopback: tokens cross the network in clear
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,44 @@ def looks_like_token(value: str) -> bool:
     return _TOKEN_VALUE.fullmatch(value.strip()) is not None
 
 
+def redact_tokens(text: str) -> str:
+    """``text`` with every token-shaped part replaced: the last line of defence for messages."""
+    return _TOKEN_IN_TEXT.sub("<redacted token>", text)
+
+
+# --- credentials read from files and environment variables ----------------------------------
+
+
+def credential_problem(data: bytes | str, what: str) -> str | None:
+    """Why ``data``, the content of a credential file or variable, is not a usable ``what``
+    (token, secret_id, role_id), or None. A credential is one line of printable ASCII without
+    spaces; a trailing line break is fine. The answer never repeats any of the content: a
+    file that holds two tokens, or a token and a note, must not put them in a log line.
+    """
+    raw = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
+    value = raw.rstrip(b"\r\n")
+    if not value.strip():
+        return "is empty"
+    lines = value.count(b"\n") + 1
+    if lines > 1:
+        return f"has {lines} lines; put only the {what} in it"
+    if value.startswith(b"\xef\xbb\xbf"):
+        return "starts with a byte-order mark; save it as plain text without one"
+    if any(byte > 0x7E for byte in value):
+        return f"contains a non-ASCII character; a {what} is plain ASCII"
+    if b" " in value or b"\t" in value:
+        return f"contains a space or tab; put only the {what} in it"
+    if any(byte < 0x20 or byte == 0x7F for byte in value):
+        return f"contains a control character; put only the {what} in it"
+    return None
+
+
+def credential_text(data: bytes | str) -> str:
+    """The credential in ``data`` once ``credential_problem`` found nothing wrong."""
+    text = data.decode("ascii") if isinstance(data, bytes) else data
+    return text.rstrip("\r\n")
+
+
 def _shown(value: object) -> str:
     """A value quoted for a problem message, with anything token-shaped withheld."""
     if isinstance(value, str) and looks_like_token(value):
@@ -262,10 +301,22 @@ def check_secret_file_mode(path: Path | str) -> str | None:
     )
 
 
-def _file_problem(written: str, path: Path) -> str | None:
-    """Why ``path`` (written as ``written`` in the config) is not a readable regular file."""
+def _may_be_a_secret(written: str) -> bool:
+    """Whether a secret file's configured path might be the secret itself, pasted by mistake:
+    tokens, secret_ids and role_ids have no '/', a PEM key has line breaks and dashes."""
+    return "/" not in written or any(ch.isspace() for ch in written) or "-----" in written
+
+
+def _file_problem(written: str, path: Path, secret: bool = False) -> str | None:
+    """Why ``path`` (written as ``written`` in the config) is not a readable regular file.
+
+    For a ``secret`` file's key, a value that may be the secret itself is not repeated.
+    """
     where = "" if Path(written).is_absolute() else f" (resolved to {path})"
     if not path.exists():
+        if secret and _may_be_a_secret(written):
+            return ("no such file (the value is not shown: it may be a secret pasted in place of a path; "
+                    "write a file name as ./NAME)")
         return f"file {written} does not exist{where}"
     if not path.is_file():
         return f"{written} is not a regular file{where}"
@@ -505,14 +556,15 @@ class _Reader:
         """A path that need not exist yet, resolved against the config file's directory."""
         return self.resolve(self.string(key, default))
 
-    def file(self, key: str, *, secret: bool = False) -> Path:
-        """A required, readable file; ``secret`` files must be private to their owner."""
+    def file(self, key: str, *, secret: bool = False, holds: str | None = None) -> Path:
+        """A required, readable file; ``secret`` files must be private to their owner. A file
+        that ``holds`` a credential (token, secret_id, role_id) must hold just that: one line."""
         text = self.string(key)
         if key in self.failed:
             return Path()
-        return self._checked_file(key, text, secret)
+        return self._checked_file(key, text, secret, holds)
 
-    def optional_file(self, key: str, *, secret: bool = False) -> Path | None:
+    def optional_file(self, key: str, *, secret: bool = False, holds: str | None = None) -> Path | None:
         """Like ``file``, but absent or "" means not configured."""
         if not self.has(key):
             self.asked.add(key)
@@ -520,13 +572,20 @@ class _Reader:
         text = self.string(key, default="")
         if key in self.failed or not text:
             return None
-        return self._checked_file(key, text, secret)
+        return self._checked_file(key, text, secret, holds)
 
-    def _checked_file(self, key: str, text: str, secret: bool) -> Path:
+    def _checked_file(self, key: str, text: str, secret: bool, holds: str | None) -> Path:
         path = self.resolve(text)
-        problem = _file_problem(text, path)
+        problem = _file_problem(text, path, secret or holds is not None)
         if problem is None and secret:
             problem = check_secret_file_mode(path)
+        if problem is None and holds is not None:
+            try:
+                content_problem = credential_problem(path.read_bytes(), holds)
+            except OSError as exc:  # it was readable a moment ago
+                content_problem = f"is not readable: {exc.strerror or exc}"
+            if content_problem is not None:
+                problem = f"{holds} file {text} {content_problem}"
         if problem is not None:
             self.report(key, problem)
         return path
@@ -625,6 +684,7 @@ def _server(r: _Reader) -> ServerConfig:
     cert = r.file("cert")
     key = r.file("key", secret=True)
     client_ca = r.file("client_ca")
+    suites_given = r.has("tls13_ciphersuites")
     suites = r.string_list("tls13_ciphersuites", DEFAULT_CIPHERSUITES)
     if "tls13_ciphersuites" not in r.failed and not suites:
         r.report("tls13_ciphersuites", "must list at least one cipher suite")
@@ -638,6 +698,15 @@ def _server(r: _Reader) -> ServerConfig:
     handshake_timeout = r.duration("handshake_timeout", "10s", positive=True)
     revoke_on_shutdown = r.boolean("revoke_on_shutdown", False)
     tls_engine = r.choice("tls_engine", TLS_ENGINES, default="openssl")
+    if tls_engine == "stdlib" and suites_given and suites != DEFAULT_CIPHERSUITES and not (
+            r.failed & {"tls13_ciphersuites", "tls_engine"}):
+        # Python's ssl cannot restrict TLS 1.3 suites: a list that differs from the default
+        # would be accepted and silently not enforced.
+        r.report(
+            "tls13_ciphersuites",
+            'tls_engine = "stdlib" cannot enforce a TLS 1.3 cipher suite list (Python\'s ssl has no way to '
+            'restrict them); use tls_engine = "openssl", or remove tls13_ciphersuites',
+        )
     rate_limit = r.number("rate_limit", 50.0, minimum=0.0)
     rate_limit_burst = r.number("rate_limit_burst", max(1.0, rate_limit * 2), minimum=1.0)
     r.finish()
@@ -692,13 +761,39 @@ def _vault_address(r: _Reader) -> str:
     return address.rstrip("/")
 
 
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost: it may resolve anywhere
+
+
+def _plaintext_problem(address: str) -> str | None:
+    """http:// to anything but loopback sends the broker's token and every minted token in clear."""
+    parts = urlsplit(address)
+    if parts.scheme != "http" or not parts.hostname or _is_loopback(parts.hostname):
+        return None
+    return (
+        f"http:// sends the broker's Vault token and every token it mints unencrypted to {parts.hostname}; "
+        "use https://, or set allow_plaintext = true in [vault] if that network path is protected otherwise"
+    )
+
+
 def _vault(r: _Reader) -> VaultConfig:
     address = _vault_address(r)
+    allow_plaintext = r.boolean("allow_plaintext", False)
+    if "address" not in r.failed and not allow_plaintext:
+        problem = _plaintext_problem(address)
+        if problem is not None:
+            r.report("address", problem)
     ca_cert = r.optional_file("ca_cert")  # "" means the system trust store
     timeout = r.duration("timeout", "5s", positive=True)
     auth = tuple(_auth(entry) for entry in r.table_array("auth"))
     r.finish()
-    return VaultConfig(address=address, auth=auth, ca_cert=ca_cert, timeout=timeout)
+    return VaultConfig(address=address, auth=auth, ca_cert=ca_cert, timeout=timeout,
+                       allow_plaintext=allow_plaintext)
 
 
 _AUTH_KEYS = {
@@ -722,8 +817,8 @@ def _auth(r: _Reader) -> AuthConfig:
     elif method == "approle":
         config = AuthConfig(
             method=method,
-            role_id_file=r.file("role_id_file"),
-            secret_id_file=r.file("secret_id_file", secret=True),
+            role_id_file=r.file("role_id_file", holds="role_id"),
+            secret_id_file=r.file("secret_id_file", secret=True, holds="secret_id"),
             mount=_mount(r, "approle"),
             rotate_secret_id=r.optional_duration("rotate_secret_id", positive=True),
         )
@@ -750,7 +845,7 @@ def _reject_other_methods_keys(r: _Reader, method: str) -> None:
 
 
 def _token_auth(r: _Reader) -> AuthConfig:
-    token_file = r.optional_file("token_file", secret=True)
+    token_file = r.optional_file("token_file", secret=True, holds="token")
     token_env = r.optional_string("token_env")
     if token_env is not None and not _ENV_NAME.fullmatch(token_env):
         r.report("token_env", f"{_shown(token_env)} is not an environment variable name")
@@ -932,7 +1027,7 @@ def load_config(path: Path | str) -> Config:
     config = _build(document, source, problems)
     if problems:
         # The messages avoid echoing token-shaped values already; this catches any we missed.
-        raise ConfigError([_TOKEN_IN_TEXT.sub("<redacted token>", p) for p in problems])
+        raise ConfigError([redact_tokens(p) for p in problems])
     return config
 
 

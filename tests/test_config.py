@@ -7,11 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from broker.cli import main as broker_main
 from broker.config import (
     DEFAULT_CIPHERSUITES,
     AuthConfig,
     check_config,
     check_secret_file_mode,
+    credential_problem,
+    credential_text,
     default_rotate_after,
     format_duration,
     load_config,
@@ -479,6 +482,79 @@ def test_check_secret_file_mode(tmp_path: Path) -> None:
     assert check_secret_file_mode(tmp_path / "missing") is None
 
 
+SECRET = "hvs.SECRETsecretSECRETsecret1234"
+OLD_SECRET = "hvs.OLDoldOLDoldOLDoldOLDold5678"
+
+
+@pytest.mark.parametrize(("key", "file", "what"), [
+    ("vault.auth[0].role_id_file", "secrets/role_id", "role_id"),
+    ("vault.auth[0].secret_id_file", "secrets/secret_id", "secret_id"),
+    ("vault.auth[1].token_file", "secrets/token", "token"),
+])
+@pytest.mark.parametrize(("content", "problem"), [
+    (f"{SECRET}\nold: {OLD_SECRET}\n", "has 2 lines; put only the {what} in it"),
+    (f"# new one\n{SECRET}\n\n{OLD_SECRET}", "has 4 lines; put only the {what} in it"),
+    (f"{SECRET} {OLD_SECRET}\n", "contains a space or tab; put only the {what} in it"),
+    (f"\t{SECRET}", "contains a space or tab; put only the {what} in it"),
+    (f"{SECRET}\x00{OLD_SECRET}", "contains a control character; put only the {what} in it"),
+    (f"{SECRET}\rold", "contains a control character; put only the {what} in it"),
+    (f"{SECRET}\u2019", "contains a non-ASCII character; a {what} is plain ASCII"),
+    (f"\ufeff{SECRET}\n", "starts with a byte-order mark; save it as plain text without one"),
+    ("", "is empty"),
+    ("\n", "is empty"),
+])
+def test_a_credential_file_must_hold_just_the_credential(tmp_path: Path, key: str, file: str, what: str,
+                                                        content: str, problem: str) -> None:
+    config = _setup(tmp_path)
+    _write(tmp_path / file, content, mode=0o600)
+    problems = check_config(config)
+    assert problems == [f"{key}: {what} file {file} {problem.format(what=what)}"]
+    assert not any(part in problems[0] for part in ("SECRET", "OLDold", "new one"))
+    with pytest.raises(ConfigError):
+        load_config(config)
+
+
+@pytest.mark.parametrize("content", ["s.abc\n", "6a1f0c2e-8d4b-4f1a-9c3e-2b7d5e8f1718\r\n", "tok", "x\n\n"])
+def test_a_credential_with_a_line_ending_is_fine(tmp_path: Path, content: str) -> None:
+    config = _setup(tmp_path)
+    _write(tmp_path / "secrets/token", content, mode=0o600)
+    assert check_config(config) == []
+    assert credential_problem(content.encode(), "token") is None
+    assert credential_text(content.encode()) == content.rstrip("\r\n")
+
+
+def test_credential_problem_never_repeats_the_content() -> None:
+    for content in (f"{SECRET}\n{OLD_SECRET}", f"{SECRET} x", f"{SECRET}\x07", f"{SECRET}é", "\xff\xfe"):
+        problem = credential_problem(content.encode("utf-8", "surrogateescape"), "token")
+        assert problem is not None and "SECRET" not in problem and "é" not in problem
+    assert credential_problem(b"\xff\xfeabc", "token") == "contains a non-ASCII character; a token is plain ASCII"
+
+
+@pytest.mark.parametrize(("key", "old", "pasted"), [
+    ("vault.auth[0].secret_id_file", 'secret_id_file = "secrets/secret_id"', "6a1f0c2e-8d4b-4f1a-9c3e-2b7d5e8f1718"),
+    ("vault.auth[0].role_id_file", 'role_id_file = "secrets/role_id"', "0b3c1f77-2a9e-4c5d-8e6f-71a2b3c4d5e6"),
+    ("vault.auth[1].token_file", 'token_file = "secrets/token"', "CAESIJx9aZ3vQ0hY5xkP2mWnT8rLbD"),
+    ("server.key", 'key = "certs/server.key"', "-----BEGIN PRIVATE KEY-----\\nMIGHAgEAMBMG\\n"),
+])
+def test_a_secret_pasted_in_place_of_a_path_is_not_repeated(tmp_path: Path, key: str, old: str,
+                                                          pasted: str) -> None:
+    name = old.split(" = ")[0]
+    problem = _only_problem(tmp_path, _mutated(old, f'{name} = "{pasted}"'))
+    assert problem == (f"{key}: no such file (the value is not shown: it may be a secret pasted in place of "
+                       "a path; write a file name as ./NAME)")
+    assert pasted[:8] not in problem and "MIGHAgEA" not in problem
+
+
+def test_a_missing_secret_file_with_a_path_is_named(tmp_path: Path) -> None:
+    text = _mutated('secret_id_file = "secrets/secret_id"', 'secret_id_file = "./gone"')
+    assert _only_problem(tmp_path, text) == (
+        f"vault.auth[0].secret_id_file: file ./gone does not exist (resolved to {tmp_path}/gone)"
+    )
+    # A bare name is shown as missing without repeating it; with ./ it names the file.
+    text = _mutated('secret_id_file = "secrets/secret_id"', 'secret_id_file = "secret_id"')
+    assert _only_problem(tmp_path, text).startswith("vault.auth[0].secret_id_file: no such file (the value")
+
+
 # --- vault ------------------------------------------------------------------------------------
 
 
@@ -489,6 +565,35 @@ def test_bad_vault_address(tmp_path: Path, address: str) -> None:
         f"vault.address: '{address}' is not an http:// or https:// URL; "
         "use e.g. https://vault.example:8200"
     )
+
+
+@pytest.mark.parametrize(("address", "host"), [
+    ("http://vault.example:8200", "vault.example"), ("http://10.0.0.5:8200", "10.0.0.5"),
+    ("http://[2001:db8::1]:8200", "2001:db8::1"), ("HTTP://vault:8200", "vault"),
+])
+def test_plaintext_vault_off_this_host_needs_an_explicit_opt_in(tmp_path: Path, address: str, host: str) -> None:
+    problem = _only_problem(tmp_path, _mutated('"http://127.0.0.1:8200"', f'"{address}"'))
+    assert problem == (
+        f"vault.address: http:// sends the broker's Vault token and every token it mints unencrypted to {host}; "
+        "use https://, or set allow_plaintext = true in [vault] if that network path is protected otherwise"
+    )
+    allowed = _mutated('"http://127.0.0.1:8200"', f'"{address}"\nallow_plaintext = true')
+    config = load_config(_setup(tmp_path, allowed))
+    assert config.vault.allow_plaintext is True and config.vault.address == address
+
+
+@pytest.mark.parametrize("address", ["http://127.0.0.1:8200", "http://127.8.9.10:8200", "http://localhost:8200",
+                                     "http://[::1]:8200", "https://vault.example:8200", "https://10.0.0.5"])
+def test_loopback_or_https_vault_needs_no_opt_in(tmp_path: Path, address: str) -> None:
+    config = load_config(_setup(tmp_path, _mutated('"http://127.0.0.1:8200"', f'"{address}"')))
+    assert config.vault.allow_plaintext is False
+
+
+def test_allow_plaintext_must_be_a_boolean(tmp_path: Path) -> None:
+    text = _mutated('"http://127.0.0.1:8200"', '"http://vault:8200"\nallow_plaintext = "yes"')
+    problems = _problems(tmp_path, text)
+    assert problems[0] == "vault.allow_plaintext: expected true or false, got a string ('yes')"
+    assert problems[1].startswith("vault.address: http:// sends the broker's Vault token")
 
 
 def test_bad_vault_timeout(tmp_path: Path) -> None:
@@ -612,6 +717,22 @@ def test_bad_ciphersuites(tmp_path: Path) -> None:
                           "TLS 1.3 cipher suite; use TLS_AES_256_GCM_SHA384, ")
     empty = _only_problem(tmp_path, _mutated(line, "tls13_ciphersuites = []"))
     assert empty == "server.tls13_ciphersuites: must list at least one cipher suite"
+
+
+def test_stdlib_engine_refuses_a_cipher_suite_list_it_cannot_enforce(tmp_path: Path) -> None:
+    line = 'tls13_ciphersuites = ["TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256"]'
+    only_128 = 'tls13_ciphersuites = ["TLS_AES_128_GCM_SHA256"]'
+    problem = _only_problem(tmp_path, _mutated(line, only_128 + '\ntls_engine = "stdlib"'))
+    assert problem == (
+        'server.tls13_ciphersuites: tls_engine = "stdlib" cannot enforce a TLS 1.3 cipher suite list '
+        '(Python\'s ssl has no way to restrict them); use tls_engine = "openssl", or remove tls13_ciphersuites'
+    )
+    # The default list, written out or left out, is what the stdlib engine documents; the
+    # default engine enforces any list.
+    assert load_config(_setup(tmp_path, _mutated(line, line + '\ntls_engine = "stdlib"'))).server.tls_engine == "stdlib"
+    assert load_config(_setup(tmp_path, _mutated(line, 'tls_engine = "stdlib"'))).server.tls_engine == "stdlib"
+    assert load_config(_setup(tmp_path, _mutated(line, only_128))).server.tls13_ciphersuites == (
+        "TLS_AES_128_GCM_SHA256",)
 
 
 # --- profiles ---------------------------------------------------------------------------------
@@ -754,3 +875,23 @@ def test_all_problems_reported_together(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(config)
     assert caught.value.problems == problems
+
+
+def test_broker_check_reports_the_new_checks_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    text = _mutated('"http://127.0.0.1:8200"', '"http://vault.example:8200"')
+    text = _mutated('secret_id_file = "secrets/secret_id"', 'secret_id_file = "6a1f0c2e-8d4b-4f1a-9c3e-2b7d5e8f1718"',
+                    text)
+    text = _mutated('tls13_ciphersuites = ["TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256"]',
+                    'tls13_ciphersuites = ["TLS_CHACHA20_POLY1305_SHA256"]\ntls_engine = "stdlib"', text)
+    config = _setup(tmp_path, text)
+    _write(tmp_path / "secrets/token", f"{SECRET}\n{OLD_SECRET}\n", mode=0o600)
+    assert broker_main(["check", "--config", str(config)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert [line.split(": ")[1] for line in lines] == [
+        "server.tls13_ciphersuites", "vault.address", "vault.auth[0].secret_id_file", "vault.auth[1].token_file"]
+    assert all(line.startswith(f"{config}: ") for line in lines)
+    assert "6a1f0c2e" not in err and "SECRET" not in err and "OLDold" not in err
+    assert "token file secrets/token has 2 lines; put only the token in it" in lines[3]

@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import stat
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import hvac
 import pytest
@@ -27,11 +28,12 @@ from broker.devserver import (
     setup_token_role,
     write_secret,
 )
-from broker.errors import AuthRejected, TokenInvalid, VaultUnavailable
+from broker.errors import TokenInvalid, VaultUnavailable
 from broker.tokens.model import fingerprint
 from broker.vault.client import NewSecretId, VaultClient, classify
-from tests.conftest import DEFAULT_PROFILE, BrokerFactory, RunningBroker, run_config, write_config
+from tests.conftest import DEFAULT_PROFILE, BrokerFactory, Pki, RunningBroker, run_config, write_config
 from tests.fakes import FakeClock
+from tests.processes import ServeProcess
 
 # --- helpers ------------------------------------------------------------------------------
 
@@ -200,20 +202,16 @@ async def test_secret_id_rotation_replaces_the_file_and_destroys_the_old_one(
 
 async def test_a_new_secret_id_that_cannot_log_in_is_discarded_and_the_old_one_kept(
         brokers: BrokerFactory, private_openbao: OpenBaoDevServer, tmp_path: Path,
-        created_secret_ids: Created, monkeypatch: pytest.MonkeyPatch) -> None:
+        created_secret_ids: Created) -> None:
     s = Setup(private_openbao, tmp_path)
     original = s.secret_id
-    real_login = VaultClient.login_approle
-
-    async def only_the_old_one_works(self: VaultClient, mount: str, role_id: str, secret_id: str) -> Any:
-        if secret_id != original:
-            raise AuthRejected("login_approle", "invalid role or secret ID")
-        return await real_login(self, mount, role_id, secret_id)
-
-    monkeypatch.setattr(VaultClient, "login_approle", only_the_old_one_works)
-    b = await brokers.start(vault=private_openbao, roles=s.roles, auth=[s.approle_auth(rotate_secret_id="1s")])
+    b = await brokers.start(vault=private_openbao, roles=s.roles, auth=[s.approle_auth(rotate_secret_id="1h")])
     _remember(b, original)
     auth = b.broker.auth
+    # Logged in; from now on OpenBao refuses every login with this role from 127.0.0.1 (the
+    # role's CIDR binding is checked at login), so each new secret_id fails its proving login.
+    private_openbao.bao("write", f"auth/approle/role/{s.approle}", "secret_id_bound_cidrs=192.0.2.0/24")
+    _hold_rotation(b, 1.0)
     await b.wait_for(lambda: len(created_secret_ids) >= 2 and auth.rotation_retry_at is not None,
                      timeout=10, what="two failed rotation attempts")
     _hold_rotation(b)
@@ -228,7 +226,7 @@ async def test_a_new_secret_id_that_cannot_log_in_is_discarded_and_the_old_one_k
     status, _, _ = await b.request("POST", "/v1/tokens/demo/rotate", cert="ops")
     assert status == 200, "still minting on the current login"
 
-    monkeypatch.setattr(VaultClient, "login_approle", real_login)
+    private_openbao.bao("write", f"auth/approle/role/{s.approle}", "secret_id_bound_cidrs=")
     auth.rotation_retry_at = None  # skip what is left of the backoff; its growth is not the point here
     _hold_rotation(b, 1.0)
     await b.wait_for(lambda: len(_events(b, "secret_id_rotated")) >= 1, timeout=10, what="a retry that works")
@@ -239,42 +237,66 @@ async def test_a_new_secret_id_that_cannot_log_in_is_discarded_and_the_old_one_k
     assert not _secret_id_exists(private_openbao, s.approle, original)
 
 
+def _serve_config(directory: Path, pki: Pki, server: OpenBaoDevServer, s: Setup, **auth: str) -> ServeProcess:
+    """A config for `broker serve` as a child process with the AppRole of ``s`` (port 0: the
+    child reports the ports it bound)."""
+    profile = {**DEFAULT_PROFILE, "token_role": s.token_role, "policies": [f"{s.token_role}-policy"]}
+    config = write_config(directory, pki, server.address, [s.approle_auth(**auth)], {"demo": profile})
+    return ServeProcess(config, 0, 0, pki)
+
+
 async def test_a_kill_between_write_and_destroy_logs_in_and_destroys_the_old_one_on_restart(
-        brokers: BrokerFactory, private_openbao: OpenBaoDevServer, tmp_path: Path,
-        created_secret_ids: Created, monkeypatch: pytest.MonkeyPatch) -> None:
+        brokers: BrokerFactory, private_openbao: OpenBaoDevServer, tmp_path: Path) -> None:
+    """A real `broker serve`, SIGKILLed after it wrote the new secret_id and before the old one
+    was destroyed. To stop it there without racing it, its policy lacks the destroy path: it
+    rotates, writes the file, and is refused the destroy (it would retry, with backoff)."""
     s = Setup(private_openbao, tmp_path)
     original = s.secret_id
-    reached = asyncio.Event()
-
-    async def killed_here(self: VaultClient, mount: str, role: str, accessor: str) -> None:
-        reached.set()
-        await asyncio.Event().wait()  # the process "dies" here: nothing after this step runs
-
-    monkeypatch.setattr(VaultClient, "destroy_secret_id_accessor", killed_here)
+    destroy = f'path "auth/approle/role/{s.approle}/secret-id-accessor/destroy" {{ capabilities = ["update"] }}'
+    policy = private_openbao.bao("policy", "read", f"{s.approle}-policy")
+    assert destroy in policy
+    private_openbao.bao("policy", "write", f"{s.approle}-policy", "-", stdin=policy.replace(destroy, ""))
+    aged = time.time() - 7200  # due at once; the next rotation of the new file is an hour away
+    os.utime(s.files.secret_id_file, (aged, aged))
     directory = tmp_path / "broker"
-    first = await brokers.start(vault=private_openbao, roles=s.roles,
-                                auth=[s.approle_auth(rotate_secret_id="1s")], directory=directory)
-    _remember(first, original)
-    await asyncio.wait_for(reached.wait(), timeout=10)
-    await first.shutdown()
-    monkeypatch.undo()
-    _remember(first, *created_secret_ids)
-
-    written = s.secret_id
-    assert written != original and written == created_secret_ids[0].secret_id
-    assert _secret_id_exists(private_openbao, s.approle, original), "the kill came before the destroy"
-    [pending] = (directory / "state").glob("secret_ids_to_destroy.*.json")
-    assert stat.S_IMODE(pending.stat().st_mode) == 0o600
+    directory.mkdir()
+    serve = _serve_config(directory, brokers.pki, private_openbao, s, rotate_secret_id="1h")
+    pending = directory / "state" / auth_module._pending_name(s.files.secret_id_file)
     kept = _root(private_openbao).auth.approle.read_secret_id(s.approle, original)["data"]["secret_id_accessor"]
-    assert json.loads(pending.read_text()) == [kept], "only accessors are kept, never a secret_id"
-    before = len(first.audit_events())
 
-    # The same state directory, rotation no longer configured: what the crash left is still done.
+    def written_not_destroyed() -> bool:
+        try:
+            return s.secret_id != original and json.loads(pending.read_text()) == [kept]
+        except (OSError, ValueError):
+            return False
+
+    await serve.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + 15
+        while not written_not_destroyed():
+            assert asyncio.get_running_loop().time() < deadline, "the rotation never got to its destroy step"
+            await asyncio.sleep(0.05)
+    finally:
+        assert serve.proc is not None
+        serve.proc.kill()  # SIGKILL: no shutdown code runs
+        await serve.proc.wait()
+    assert serve.proc.returncode == -signal.SIGKILL
+    written = s.secret_id
+    assert _secret_id_exists(private_openbao, s.approle, original), "the kill came before the destroy"
+    assert stat.S_IMODE(pending.stat().st_mode) == 0o600
+    assert json.loads(pending.read_text()) == [kept], "only accessors are kept, never a secret_id"
+    serve.assert_no_leaks(extra_secrets={original, written})
+    before = len(serve.audit_path.read_text().splitlines())
+
+    # The policy repaired, the same state directory, rotation no longer configured: what the
+    # kill left is still done.
+    private_openbao.bao("policy", "write", f"{s.approle}-policy", "-", stdin=policy)
     second = await brokers.start(vault=private_openbao, roles=s.roles, auth=[s.approle_auth()], directory=directory)
-    _remember(second, original, *created_secret_ids)
+    _remember(second, original, written)
     await second.wait_for(lambda: not _secret_id_exists(private_openbao, s.approle, original),
                           what="the replaced secret_id destroyed after the restart")
-    assert _secret_id_accessors(private_openbao, s.approle) == [created_secret_ids[0].accessor]
+    in_file = _root(private_openbao).auth.approle.read_secret_id(s.approle, written)["data"]["secret_id_accessor"]
+    assert _secret_id_accessors(private_openbao, s.approle) == [in_file]
     await second.wait_for(lambda: json.loads(pending.read_text()) == [], what="nothing left pending")
     logins = [(e["event"], e.get("method")) for e in second.audit_events()[before:]
               if e["event"] in ("vault_login", "vault_login_failed")]

@@ -28,7 +28,7 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from broker.config import check_config, load_config
+from broker.config import _plaintext_problem, check_config, load_config
 from broker.devserver import OpenBaoDevServer
 from tests.conftest import Pki, RunningBroker, assert_no_leaks, run_config, token_is_valid
 from tests.test_examples import BIN, Ran, Shell, assert_tokens_hidden, clean_env, run
@@ -352,6 +352,10 @@ def test_compose_wiring_is_consistent() -> None:
     # The compose config names the compose hosts and ports.
     text = (COMPOSE_DIR / "broker.toml").read_text()
     assert 'address = "http://openbao:8200"' in text
+    # Without the opt-in, `broker serve` refuses plain http:// to a host that is not loopback;
+    # the stack test below runs on loopback and would not notice.
+    assert _plaintext_problem("http://openbao:8200") is not None
+    assert re.search(r'(?m)^allow_plaintext = true$', text.split("[vault]")[1].split("[")[0])
     assert 'listen = "0.0.0.0:8443"' in text and 'listen = "0.0.0.0:9090"' in text
 
 

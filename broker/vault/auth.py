@@ -3,7 +3,9 @@
 One small interface per boundary: an ``AuthMethod`` turns a credential on disk into a
 ``Login``. The ``Authenticator`` tries the configured methods in order (primary, then
 fallbacks), renews the resulting token, logs in again near its max TTL or when Vault answers
-403, and is the only place that knows whether the broker is authenticated.
+403, and is the only place that knows whether the broker is authenticated. A login is kept
+until it expires or Vault refuses it: a renewal or re-login that fails during an outage does
+not throw away a token that still works.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Protocol, TypeVar
 
 from broker.audit import AuditLog
 from broker.clock import Clock, sleep_or_wake
-from broker.config import AuthConfig
+from broker.config import AuthConfig, credential_problem, credential_text
 from broker.errors import (
     AuditUnavailable,
     AuthRejected,
@@ -44,6 +46,7 @@ LOGIN_RETRY_FLOOR = 1.0  # seconds: request-driven logins after a failure, at mo
 PREFERRED_RETRY_BASE = 30.0  # on a fallback, first retry of the better methods; doubles from here
 NO_EXPIRY_RETRY_CAP = 3600.0  # retry cap on a fallback token that never expires (no renewal interval)
 IDLE_REPLAN = 60.0  # nothing is due (a token without expiry): look again this often
+EXPIRY_MARGIN = 1.0  # seconds (at most a tenth of the TTL): a login this close to its end is gone
 
 
 class AuthMethod(Protocol):
@@ -53,13 +56,17 @@ class AuthMethod(Protocol):
 
 
 def _read_secret(path: Path, what: str) -> str:
+    """The credential in ``path``. Anything but one line of it is refused here, in words that
+    never quote the file: a second line would otherwise reach an HTTP header, and the error
+    requests raises for that quotes the header whole."""
     try:
-        value = path.read_text().strip()
+        data = path.read_bytes()
     except OSError as exc:
         raise AuthRejected("login", f"cannot read {what} file {path}: {exc.strerror}") from None
-    if not value:
-        raise AuthRejected("login", f"{what} file {path} is empty")
-    return value
+    problem = credential_problem(data, what)
+    if problem is not None:
+        raise AuthRejected("login", f"{what} file {path} {problem}")
+    return credential_text(data)
 
 
 class TokenAuth:
@@ -74,9 +81,11 @@ class TokenAuth:
         if self._file is not None:
             token = _read_secret(self._file, "token")
         else:
-            token = os.environ.get(self._env or "", "").strip()
-            if not token:
-                raise AuthRejected("login_token", f"environment variable {self._env} is empty or unset")
+            value = os.environ.get(self._env or "", "")
+            problem = credential_problem(value, "token") if value else "is empty or unset"
+            if problem is not None:
+                raise AuthRejected("login_token", f"environment variable {self._env} {problem}")
+            token = credential_text(value)
         return await vault.lookup_self_with(token)
 
 
@@ -256,7 +265,10 @@ class Authenticator:
         self._preferred_retry_base = preferred_retry or PREFERRED_RETRY_BASE
         self._login: Login | None = None
         self._current: AuthMethod | None = None
-        self._logged_in_at = 0.0
+        self._logged_in_at = 0.0  # or last renewed at
+        self._valid_until: float | None = None  # when the current login expires; None: never
+        self._renew_failures = 0
+        self._step_failures = 0
         self._ready = asyncio.Event()
         self._changed = asyncio.Event()
         self._relogin: asyncio.Task[None] | None = None
@@ -267,6 +279,7 @@ class Authenticator:
         self.last_error: str | None = None
         self.preferred_retry_at: float | None = None  # while on a fallback: next try of a better method
         self.rotation_retry_at: float | None = None  # after a failed secret_id rotation step
+        self.renew_retry_at: float | None = None  # after a failed renewal or replacement of a valid login
 
     @property
     def authenticated(self) -> bool:
@@ -277,11 +290,15 @@ class Authenticator:
         self._current = method if login is not None else None
         self.method = self._current.name if self._current is not None else None
         self._metrics.vault_authenticated.set(1 if login else 0)
+        self._renew_failures = 0
+        self.renew_retry_at = None
         if login is None:
+            self._valid_until = None
             self._ready.clear()
         else:
             self._vault.use_token(login.token)
             self._logged_in_at = self._clock.now()
+            self._valid_until = self._logged_in_at + login.ttl if login.ttl > 0 else None
             self._ready.set()
         self._changed.set()
 
@@ -397,6 +414,8 @@ class Authenticator:
     def _renew_at(self, login: Login) -> float | None:
         if login.ttl <= 0:
             return None  # a token without expiry (e.g. a root token in dev) needs no care
+        if self.renew_retry_at is not None:
+            return self.renew_retry_at
         return self._logged_in_at + login.ttl * RENEW_FRACTION
 
     def _rotating(self) -> AppRoleAuth | None:
@@ -435,29 +454,101 @@ class Authenticator:
 
     async def run(self) -> None:
         """Keep the broker logged in for as long as the service runs."""
-        await self._login_until_success()
+        await self._guarded(self._login_until_success)
         while True:
             due, step = self._next_step()
             wait = IDLE_REPLAN if due is None else due - self._clock.now()
             if await sleep_or_wake(self._clock, wait, self._changed):
                 continue  # the login changed under us (a re-login after a 403): plan again
             if due is not None:
-                await step()
+                await self._guarded(step)
+
+    async def _guarded(self, step: Callable[[], Awaitable[None]]) -> None:
+        """Run one step. An error that nothing classified (a bug, an odd library failure) must
+        not end the service: it is logged by type only (its text may quote a credential) and
+        the loop goes on after a backoff."""
+        try:
+            await step()
+        except Exception as exc:  # noqa: BLE001 - the catch-all of the login loop, on purpose
+            self._step_failures += 1
+            delay = policy.backoff_delay(self._step_failures, self._rng.random(), self._clock.now(), None)
+            self.last_error = f"unexpected {type(exc).__name__} in the Vault login loop"
+            log.error("vault_auth_internal_error step=%s error=%s retry_in=%.1fs",
+                      getattr(step, "__name__", "step"), type(exc).__name__, delay)
+            await self._clock.sleep(delay)
+        else:
+            self._step_failures = 0
 
     async def _renew_or_relogin(self) -> None:
+        """Renew the login; near its max TTL, replace it with a new one.
+
+        The current login is kept until it expires or Vault refuses it (403): during an outage
+        renewal and replacement are retried with backoff (never past the expiry), and the
+        broker stays authenticated on the token it holds.
+        """
         login = self._login
-        if login is not None and login.renewable:
+        if login is None:
+            return
+        last_chance = self._last_chance()
+        if last_chance is not None and self._clock.now() >= last_chance:
+            self._expired()
+            return
+        if login.renewable:
             try:
                 new_ttl = await self._vault.renew_self()
+            except VaultPermissionDenied as exc:
+                log.warning("vault_renew_failed error=%s action=relogin", exc)
+                await self._login_until_success()  # Vault refused the token: nothing left to keep
+                return
+            except VaultUnavailable as exc:
+                self._keep_login_and_retry(exc)
+                return
             except VaultError as exc:
                 log.warning("vault_renew_failed error=%s action=relogin", exc)
             else:
+                now = self._clock.now()
+                self._valid_until = now + new_ttl
                 # A renewal that grants much less than before means the max TTL is near.
                 if new_ttl >= login.ttl / 2:
                     self._login = replace(login, ttl=new_ttl)
-                    self._logged_in_at = self._clock.now()
+                    self._logged_in_at = now
+                    self._renew_failures = 0
+                    self.renew_retry_at = None
+                    self.last_error = None
                     return
-        await self._login_until_success()
+        try:
+            method, fresh = await self._first_working(self._methods)
+        except VaultError as exc:
+            self._keep_login_and_retry(exc)
+            return
+        self._adopt(method, fresh)
+
+    def _last_chance(self) -> float | None:
+        """The last moment to use the current login; None: it never expires."""
+        login = self._login
+        if login is None or self._valid_until is None:
+            return None
+        return self._valid_until - min(EXPIRY_MARGIN, login.ttl / 10)
+
+    def _expired(self) -> None:
+        log.warning("vault_login_expired method=%s action=login", self.method)
+        self._set_login(None, None)  # the loop's next step logs in
+
+    def _keep_login_and_retry(self, error: VaultError) -> None:
+        """Renewal or replacement failed: keep the login, try again with backoff, the last
+        time just before it expires."""
+        self._renew_failures += 1
+        self.last_error = str(error)
+        now = self._clock.now()
+        delay = policy.backoff_delay(self._renew_failures, self._rng.random(), now, None)
+        last_chance = self._last_chance()
+        if last_chance is not None and last_chance - now < policy.MIN_RETRY_DELAY:
+            log.warning("vault_renew_failed error=%s action=none_left", error)
+            self._expired()
+            return
+        self.renew_retry_at = now + delay if last_chance is None else min(now + delay, last_chance)
+        log.warning("vault_renew_failed error=%s action=keep_login retry_in=%.1fs", error,
+                    self.renew_retry_at - now)
 
     async def _rotation_step(self) -> None:
         """Replace the AppRole secret_id if it is due, then destroy what it replaced or discarded.

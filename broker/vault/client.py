@@ -5,13 +5,15 @@ loop never waits on Vault. Every failure is classified here, once, into the ``Va
 tree (retryable ``VaultUnavailable`` / ``VaultPermissionDenied`` vs the fatal rest), and every
 call is counted in ``broker_vault_requests_total`` and timed. Responses are reduced to the
 fields the broker needs: Vault's lookup answers carry the token itself (``id``), so raw
-responses never leave this module.
+responses never leave this module. The reduction runs inside the classified call, so an
+answer without a needed field is a ``VaultError`` like any other failure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +25,7 @@ import hvac
 import hvac.exceptions as hx
 import requests
 
+from broker.config import redact_tokens
 from broker.errors import (
     AuthRejected,
     TokenInvalid,
@@ -81,23 +84,52 @@ class VaultClientConfig:
     workers: int = 4
 
 
-def _message(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+# AppRole role_ids and secret_ids are UUIDs; Vault or a proxy in front of it may echo one.
+_UUID_IN_TEXT = re.compile(r"(?<![0-9A-Fa-f-])[0-9A-Fa-f]{8}(?:-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}(?![0-9A-Fa-f-])")
+
+
+def _message(exc: hx.VaultError) -> str:
+    """What Vault (or a proxy before it) answered, fit for logs, audit and HTTP answers: the
+    text can echo parts of the request, so anything credential-shaped goes, then the length."""
+    text = redact_tokens(" ".join(str(exc).split()))
+    text = _UUID_IN_TEXT.sub("<redacted id>", text)
     return text[:300] or type(exc).__name__
 
 
+class MalformedAnswer(Exception):
+    """Vault answered 2xx, but without a field the broker needs (a proxy's page, a 204...)."""
+
+    def __init__(self, field: str) -> None:
+        super().__init__(field)
+        self.field = field
+
+
 def classify(operation: str, exc: BaseException) -> VaultError:
-    """Map any failure of a Vault call to the broker's error tree, in one place."""
+    """Map any failure of a Vault call to the broker's error tree, in one place.
+
+    Only Vault's own error text is kept (redacted). Any other exception's text is never used:
+    requests quotes a bad header value whole, and that header is X-Vault-Token.
+    """
     if isinstance(exc, VaultError):
         return exc
     if isinstance(exc, (requests.exceptions.Timeout, TimeoutError)):
         return VaultUnavailable(operation, "timed out waiting for Vault")
     if isinstance(exc, requests.exceptions.ConnectionError):
         return VaultUnavailable(operation, "cannot connect to Vault")
+    if isinstance(exc, MalformedAnswer):
+        # Retryable: the likely cause is something between us and Vault, not Vault itself.
+        return VaultUnavailable(operation, f"unexpected answer from Vault: it has no {exc.field}")
+    if not isinstance(exc, hx.VaultError):
+        return VaultUnavailable(operation, f"unexpected {type(exc).__name__} (its text is not shown: it may "
+                                           "contain a credential)")
+    raw = str(exc)
     msg = _message(exc)
     # OpenBao answers 500 for an accessor it does not know; that is "already gone", not an outage.
-    if operation == "destroy_secret_id" and "failed to find accessor entry" in msg:
+    if operation == "destroy_secret_id" and "failed to find accessor entry" in raw:
         return TokenInvalid(operation, "secret_id accessor is not known to Vault")
+    # Also a 500, and no outage: only a new login helps, so it must not read as retryable.
+    if operation == "renew_self" and "past the max TTL" in raw:
+        return VaultRequestRejected(operation, "the token is at its max TTL and cannot be renewed")
     if isinstance(exc, (hx.VaultDown, hx.InternalServerError, hx.BadGateway, hx.RateLimitExceeded)):
         return VaultUnavailable(operation, msg)
     is_login = operation.startswith("login")
@@ -125,6 +157,24 @@ def _expire_time(value: Any) -> float | None:
         tail = frac[len(digits):]
         text = f"{head}.{digits[:6]}{tail}"
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def _field(answer: Any, *path: str) -> Any:
+    """``answer[path[0]][path[1]]...``; MalformedAnswer (classified like any failure of the
+    call) when a level is missing or null, so an odd answer cannot surface as a KeyError."""
+    value = answer
+    for key in path:
+        if not isinstance(value, dict) or value.get(key) is None:
+            raise MalformedAnswer(".".join(path))
+        value = value[key]
+    return value
+
+
+def _login(answer: Any) -> Login:
+    auth = _field(answer, "auth")
+    return Login(token=str(_field(answer, "auth", "client_token")), accessor=str(auth.get("accessor") or ""),
+                 ttl=float(auth.get("lease_duration") or 0), renewable=bool(auth.get("renewable")),
+                 meta=dict(auth.get("metadata") or {}))
 
 
 def _token_info(data: dict[str, Any]) -> TokenInfo:
@@ -196,100 +246,100 @@ class VaultClient:
     # --- the broker's own credential -------------------------------------------------
 
     async def login_approle(self, mount: str, role_id: str, secret_id: str) -> Login:
-        def call() -> dict[str, Any]:
-            return self._hvac.auth.approle.login(role_id, secret_id, use_token=False, mount_point=mount)
+        def call() -> Login:
+            return _login(self._hvac.auth.approle.login(role_id, secret_id, use_token=False, mount_point=mount))
 
-        return self._login(await self._call("login_approle", call))
+        return await self._call("login_approle", call)
 
     async def login_cert(self, mount: str, cert_file: str, key_file: str, role: str | None) -> Login:
-        def call() -> dict[str, Any]:
+        def call() -> Login:
             client = self._new_hvac(cert=(cert_file, key_file))
             try:
                 # The adapter takes the full API path; without /v1 OpenBao answers 404.
                 path = f"/v1/auth/{mount}/login"
-                return client.adapter.post(path, json={"name": role} if role else {})
+                return _login(client.adapter.post(path, json={"name": role} if role else {}))
             finally:
                 client.adapter.close()
 
-        return self._login(await self._call("login_cert", call))
+        return await self._call("login_cert", call)
 
     async def lookup_self_with(self, token: str) -> Login:
         """Treat a given token as a login: check it works and learn its TTL."""
 
-        def call() -> dict[str, Any]:
+        def call() -> Login:
             client = self._new_hvac()
             client.token = token
             try:
-                return client.auth.token.lookup_self()
+                data = _field(client.auth.token.lookup_self(), "data")
             finally:
                 client.adapter.close()
+            return Login(token=token, accessor=str(data.get("accessor") or ""),
+                         ttl=float(data.get("ttl") or 0), renewable=bool(data.get("renewable")),
+                         meta=dict(data.get("meta") or {}))
 
-        data = (await self._call("login_token", call))["data"]
-        return Login(token=token, accessor=str(data.get("accessor", "")),
-                     ttl=float(data.get("ttl") or 0), renewable=bool(data.get("renewable")),
-                     meta=dict(data.get("meta") or {}))
+        return await self._call("login_token", call)
 
     async def renew_self(self) -> float:
         """Renew the broker's own token; returns the new TTL in seconds."""
-        response = await self._call("renew_self", lambda: self._hvac.auth.token.renew_self())
-        return float(response["auth"]["lease_duration"])
-
-    @staticmethod
-    def _login(response: dict[str, Any]) -> Login:
-        auth = response["auth"]
-        return Login(token=auth["client_token"], accessor=auth.get("accessor", ""),
-                     ttl=float(auth.get("lease_duration") or 0), renewable=bool(auth.get("renewable")),
-                     meta=dict(auth.get("metadata") or {}))
+        return await self._call("renew_self", lambda: float(_field(self._hvac.auth.token.renew_self(),
+                                                                   "auth", "lease_duration")))
 
     # --- rotating the broker's own AppRole secret_id ----------------------------------
 
     async def create_secret_id(self, mount: str, role: str) -> NewSecretId:
-        def call() -> dict[str, Any]:
-            return self._hvac.auth.approle.generate_secret_id(role, mount_point=mount)
+        def call() -> NewSecretId:
+            answer = self._hvac.auth.approle.generate_secret_id(role, mount_point=mount)
+            return NewSecretId(secret_id=str(_field(answer, "data", "secret_id")),
+                               accessor=str(_field(answer, "data", "secret_id_accessor")))
 
-        data = (await self._call("create_secret_id", call))["data"]
-        return NewSecretId(secret_id=data["secret_id"], accessor=data["secret_id_accessor"])
+        return await self._call("create_secret_id", call)
 
     async def secret_id_accessor(self, mount: str, role: str, secret_id: str) -> str | None:
         """The accessor of ``secret_id``, or None when Vault does not know it (any more)."""
 
-        def call() -> Any:
-            return self._hvac.auth.approle.read_secret_id(role, secret_id, mount_point=mount)
+        def call() -> str | None:
+            answer = self._hvac.auth.approle.read_secret_id(role, secret_id, mount_point=mount)
+            # An unknown secret_id is an empty 204, which hvac hands back as a bare Response.
+            if not isinstance(answer, dict) or not answer.get("data"):
+                return None
+            return str(_field(answer, "data", "secret_id_accessor"))
 
-        response = await self._call("lookup_secret_id", call)
-        # An unknown secret_id is an empty 204, which hvac hands back as a bare Response.
-        if not isinstance(response, dict) or not response.get("data"):
-            return None
-        return str(response["data"]["secret_id_accessor"])
+        return await self._call("lookup_secret_id", call)
 
     async def destroy_secret_id_accessor(self, mount: str, role: str, accessor: str) -> None:
         """Raises TokenInvalid when the secret_id is already gone."""
 
-        def call() -> Any:
-            return self._hvac.auth.approle.destroy_secret_id_accessor(role, accessor, mount_point=mount)
+        def call() -> None:
+            self._hvac.auth.approle.destroy_secret_id_accessor(role, accessor, mount_point=mount)
 
         await self._call("destroy_secret_id", call)
 
     # --- tokens the broker hands out -----------------------------------------------
 
     async def create_token(self, role: str, policies: tuple[str, ...], ttl: float, meta: dict[str, str]) -> Minted:
-        def call() -> dict[str, Any]:
-            return self._hvac.auth.token.create(
+        def call() -> Minted:
+            answer = self._hvac.auth.token.create(
                 role_name=role, policies=list(policies) or None, ttl=f"{int(ttl)}s",
                 renewable=False, meta=meta,
             )
+            auth = _field(answer, "auth")
+            return Minted(token=str(_field(answer, "auth", "client_token")),
+                          accessor=str(_field(answer, "auth", "accessor")),
+                          ttl=float(auth.get("lease_duration") or 0), orphan=bool(auth.get("orphan")))
 
-        auth = (await self._call("create_token", call))["auth"]
-        return Minted(token=auth["client_token"], accessor=auth["accessor"],
-                      ttl=float(auth.get("lease_duration") or 0), orphan=bool(auth.get("orphan")))
+        return await self._call("create_token", call)
 
     async def lookup_token(self, token: str) -> TokenInfo:
-        data = await self._call("lookup_token", lambda: self._hvac.auth.token.lookup(token))
-        return _token_info(data["data"])
+        def call() -> TokenInfo:
+            return _token_info(_field(self._hvac.auth.token.lookup(token), "data"))
+
+        return await self._call("lookup_token", call)
 
     async def lookup_accessor(self, accessor: str) -> TokenInfo:
-        data = await self._call("lookup_accessor", lambda: self._hvac.auth.token.lookup_accessor(accessor))
-        return _token_info(data["data"])
+        def call() -> TokenInfo:
+            return _token_info(_field(self._hvac.auth.token.lookup_accessor(accessor), "data"))
+
+        return await self._call("lookup_accessor", call)
 
     async def revoke_accessor(self, accessor: str) -> None:
         await self._call("revoke_accessor", lambda: self._hvac.auth.token.revoke_accessor(accessor))
