@@ -11,7 +11,7 @@ import json
 import logging
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import hvac
 import pytest
 import pytest_asyncio
 from prometheus_client import CollectorRegistry, generate_latest
+from yarl import URL
 
 from broker import certs, tls
 from broker.clock import Clock
@@ -147,13 +148,13 @@ def _toml_value(value: Any) -> str:
 
 def write_config(directory: Path, pki: Pki, vault_address: str, auth: list[dict[str, str]],
                  profiles: dict[str, dict[str, Any]], extra: str = "", *, audit_on_failure: str | None = None,
-                 server_extra: str = "") -> Path:
+                 server_extra: str = "", vault_timeout: str = "2s", vault_extra: str = "") -> Path:
     lines = [
         "[server]", 'listen = "127.0.0.1:0"', f'cert = "{pki.dir}/server.pem"', f'key = "{pki.dir}/server.key"',
         f'client_ca = "{pki.ca}"', server_extra, "", "[ops]", 'listen = "127.0.0.1:0"', "",
         "[audit]", 'path = "audit.jsonl"', f'on_failure = "{audit_on_failure}"' if audit_on_failure else "", "",
         "[state]", 'dir = "state"', "",
-        "[vault]", f'address = "{vault_address}"', 'timeout = "2s"', "",
+        "[vault]", f'address = "{vault_address}"', f'timeout = "{vault_timeout}"', vault_extra, "",
     ]
     for entry in auth:
         lines.append("[[vault.auth]]")
@@ -215,6 +216,21 @@ class RunningBroker:
         login = self.broker.auth._login
         if login is not None:
             self.seen_secrets.add(login.token)
+
+    def record_answer(self, status: int, text: str) -> None:
+        """An answer that came some other way than ``request``: a non-200 body joins the leak
+        scan, and a token in a 200 body (JSON or bare) joins the secrets it looks for."""
+        if status != 200:
+            self.error_bodies.append(text)
+            return
+        try:
+            body = json.loads(text)
+        except ValueError:
+            if text and "\n" not in text and " " not in text:
+                self.seen_secrets.add(text)
+            return
+        if isinstance(body, dict) and isinstance(body.get("token"), str):
+            self.seen_secrets.add(body["token"])
 
     async def request(self, method: str, path: str, cert: str = "job", **kwargs: Any) -> tuple[int, Any, Any]:
         """One mTLS request with the named client cert; returns (status, parsed body, headers)."""
@@ -289,6 +305,56 @@ async def run_config(config: Config, directory: Path, pki: Pki, vault: OpenBaoDe
     return running
 
 
+# --- rejected inputs: the exact error, and a broker that still serves afterwards ------------
+
+@dataclass(frozen=True)
+class Raw:
+    """An answer as it came: status, unparsed body, headers."""
+
+    status: int
+    text: str
+    headers: Mapping[str, str]
+    content_type: str
+
+    def json(self) -> dict[str, Any]:
+        body = json.loads(self.text)
+        assert isinstance(body, dict)
+        return body
+
+
+async def raw(b: RunningBroker, method: str, path: str, cert: str = "job", **kwargs: Any) -> Raw:
+    """One mTLS request whose path goes on the wire exactly as written (no client-side
+    normalisation of ``%2e%2e`` or ``..``), returning the body unparsed. Non-200 bodies go to
+    the broker's leak scan; a token in a 200 answer joins the secrets it looks for."""
+    url = URL(b.url + path, encoded=True)
+    connector = aiohttp.TCPConnector(ssl=b.pki.client_context(cert), force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.request(method, url, **kwargs) as response:
+            answer = Raw(response.status, await response.text(), response.headers, response.content_type)
+    b.record_answer(answer.status, answer.text)
+    return answer
+
+
+def assert_error(answer: Raw, status: int, code: str, *needles: str) -> dict[str, Any]:
+    """Exactly ``status``, a JSON ``{"error": code, "message": ...}`` naming every needle, no-store."""
+    assert answer.status == status, answer.text
+    assert answer.content_type == "application/json", answer.text
+    assert answer.headers.get("Cache-Control") == "no-store"
+    body = answer.json()
+    assert set(body) == {"error", "message"}, body
+    assert body["error"] == code
+    assert isinstance(body["message"], str) and len(body["message"]) > 10
+    for needle in needles:
+        assert needle in body["message"], body
+    return body
+
+
+async def assert_still_serving(b: RunningBroker, profile: str = "demo") -> None:
+    """The broker answers a normal fetch with a live token afterwards."""
+    body = await b.get_token(profile)
+    assert body["profile"] == profile and body["ttl"] > 0 and body["token"]
+
+
 @dataclass
 class BrokerFactory:
     """Starts brokers with unique OpenBao roles; stops them and scans for leaks at teardown."""
@@ -315,6 +381,8 @@ class BrokerFactory:
         broker_policy: str | None = None,
         audit_on_failure: str | None = None,
         server_extra: str = "",
+        vault_timeout: str = "2s",
+        vault_extra: str = "",
     ) -> RunningBroker:
         vault = vault or self.openbao
         profiles = profiles or {"demo": {}}
@@ -335,7 +403,8 @@ class BrokerFactory:
             for name, settings in profiles.items()
         }
         config = load_config(write_config(directory, self.pki, vault_address or vault.address, auth, full, extra,
-                                          audit_on_failure=audit_on_failure, server_extra=server_extra))
+                                          audit_on_failure=audit_on_failure, server_extra=server_extra,
+                                          vault_timeout=vault_timeout, vault_extra=vault_extra))
         running = await run_config(config, directory, self.pki, vault, roles, clock=clock)
         self.started.append(running)
         if wait_ready:

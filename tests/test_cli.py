@@ -30,7 +30,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from broker import certs
 from broker.devserver import OpenBaoDevServer, free_port
-from tests.conftest import DEFAULT_PROFILE, Pki, RunningBroker, module_broker, token_is_valid, write_config
+from tests.conftest import (DEFAULT_PROFILE, Pki, RunningBroker, assert_still_serving, module_broker, token_is_valid,
+                            write_config)
 from tests.processes import Ran, run_process
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -226,6 +227,7 @@ async def test_get_with_a_client_cert_the_broker_does_not_trust_fails(b: Running
 async def test_get_forbidden_profile_exits_1_with_the_403_message(b: RunningBroker, cert: str, profile: str) -> None:
     run = await broker_cli("get", profile, env=job_env(b, cert))
     assert_one_line_error(run, 1, "403", "forbidden", "may not fetch", secrets=secrets_of(b))
+    await assert_still_serving(b)
 
 
 async def test_get_with_min_ttl_beyond_the_profile_exits_1_with_the_400_message(b: RunningBroker) -> None:
@@ -281,13 +283,17 @@ async def test_admin_action_with_the_ops_cert_prints_json(b: RunningBroker, acti
 async def test_admin_action_with_a_job_cert_exits_1(b: RunningBroker, action: str) -> None:
     before = b.generation()
     run = await broker_cli(action, "demo", env=job_env(b, "job"))
-    assert_one_line_error(run, 1, "403", "admin")
+    assert_one_line_error(run, 1, "403", "forbidden", "admin", secrets=secrets_of(b))
     assert b.generation() == before
+    await assert_still_serving(b)
 
 
 async def test_admin_action_on_an_unknown_profile_exits_1_with_404(b: RunningBroker) -> None:
+    before = b.generation()
     run = await broker_cli("rotate", "nope", env=job_env(b, "ops"))
-    assert_one_line_error(run, 1, "404", "nope")
+    assert_one_line_error(run, 1, "404", "not_found", "nope", secrets=secrets_of(b))
+    assert b.generation() == before
+    await assert_still_serving(b)
 
 
 # --- broker check -----------------------------------------------------------------------------

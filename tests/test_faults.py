@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import stat
 from collections.abc import AsyncIterator
 
 import pytest
@@ -89,8 +90,15 @@ async def test_a_token_that_fails_verification_is_rolled_back_and_never_served(b
     assert rolled and rolled[0]["generation"] == 1 and rolled[0]["outcome"] == "failure"
     revoked = [e for e in b.audit_events() if e["event"] == "token_revoked"]
     assert revoked and revoked[0]["token_fp"] == rolled[0]["token_fp"] and revoked[0]["reason"] == "rolled_back"
-    status, body, _ = await b.request("GET", "/v1/tokens/demo")
-    assert status == 503
+    status, body, headers = await b.request("GET", "/v1/tokens/demo")
+    assert status == 503 and set(body) == {"error", "message"} and body["error"] == "unavailable"
+    assert body["message"].startswith("no valid token for profile demo right now (")
+    assert body["message"].endswith("retry later")
+    assert int(headers["Retry-After"]) >= 1 and headers["Cache-Control"] == "no-store"
+    # Nothing else broke: the API and the ops listener still answer.
+    status, whoami, _ = await b.request("GET", "/v1/whoami")
+    assert status == 200 and whoami["profiles"] == ["demo"]
+    assert (await b.ops("/healthz"))[0] == 200
 
 
 async def test_restart_performs_pending_revocations(brokers: BrokerFactory) -> None:
@@ -102,6 +110,10 @@ async def test_restart_performs_pending_revocations(brokers: BrokerFactory) -> N
     await b.shutdown()  # previous (gen 1) is due for revocation in 2 s; nobody is running to do it
     assert token_is_valid(b.vault, first["token"])
     assert len(b.broker.store.load_revocations()) == 1
+    state = b.broker.config.state.dir
+    for name in ("revocations.json", "profiles.json"):  # they name tokens (accessors): owner only
+        assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
+    assert stat.S_IMODE(b.audit_path.stat().st_mode) == 0o600
     await asyncio.sleep(2.2)
     assert token_is_valid(b.vault, first["token"]), "nothing revoked while the broker was down"
 
@@ -143,7 +155,8 @@ async def test_vault_is_reached_through_the_proxy_named_in_the_environment(
     for name in ("NO_PROXY", "no_proxy", "http_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HTTP_PROXY", proxy.address)
-    b = await brokers.start({"demo": {}}, vault_address="http://vault.invalid:8200")
+    b = await brokers.start({"demo": {}}, vault_address="http://vault.invalid:8200",
+                            vault_extra="allow_plaintext = true")  # the proxy is a loopback hop
     monkeypatch.delenv("HTTP_PROXY")  # read at start: the broker keeps using the proxy
     assert b.broker.vault._hvac.session.proxies == {"http": proxy.address}
     status, body, _ = await b.request("POST", "/v1/tokens/demo/rotate", cert="ops")  # a Vault call now

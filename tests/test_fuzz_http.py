@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from broker.devserver import OpenBaoDevServer
 from tests.conftest import Pki
-from tests.processes import ServeProcess, serve_config
+from tests.processes import ServeProcess, listening_ports, serve_config, serve_env
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +26,17 @@ def serving(tmp_path_factory: pytest.TempPathFactory, pki: Pki, openbao: OpenBao
     serve = serve_config(tmp_path_factory.mktemp("fuzz"), pki, openbao, "fuzz",
                          {"ttl": "1h", "grace": "5m", "rotate_after": "40m"},
                          server_extra="rate_limit = 0\nmax_body_bytes = 4096")
-    proc = subprocess.Popen([sys.executable, "-m", "broker", "serve", "--config", str(serve.config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with serve.stderr_path.open("ab") as stderr:  # scanned for tokens at the end
+        proc = subprocess.Popen([sys.executable, "-m", "broker", "serve", "--config", str(serve.config)],
+                                env=serve_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+    metrics = ""
     try:
         deadline = time.monotonic() + 20
+        while (ports := listening_ports(serve.stderr_path.read_bytes())) is None:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise AssertionError(f"broker serve did not say where it listens: {serve.stderr_path.read_text()}")
+            time.sleep(0.05)
+        serve.api_port, serve.ops_port = ports
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{serve.ops_port}/readyz", timeout=1):
@@ -38,10 +45,31 @@ def serving(tmp_path_factory: pytest.TempPathFactory, pki: Pki, openbao: OpenBao
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise AssertionError("broker serve did not become ready") from None
                 time.sleep(0.1)
+        status, data = _fetch(serve, "GET", "/v1/tokens/demo", {}, b"", "job")
+        assert status == 200, data  # the current token: the leak scan below looks for it
         yield serve
+        with urllib.request.urlopen(f"http://127.0.0.1:{serve.ops_port}/metrics", timeout=10) as response:
+            metrics = response.read().decode()
     finally:
         proc.terminate()
         assert proc.wait(timeout=20) == 0
+    assert serve.seen_secrets
+    serve.assert_no_leaks(metrics)
+
+
+def _fetch(serving: ServeProcess, method: str, target: str, headers: dict[str, str], body: bytes,
+           cert: str) -> tuple[int, bytes]:
+    """One request; the answer goes to the leak scan (a token to look for, or an error body)."""
+    conn = http.client.HTTPSConnection("localhost", serving.api_port, context=serving.pki.client_context(cert),
+                                       timeout=10)
+    try:
+        conn.request(method, target, body=body or None, headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+    finally:
+        conn.close()
+    serving.record_answer(response.status, data.decode("utf-8", "replace"))
+    return response.status, data
 
 
 _segment = st.one_of(
@@ -75,6 +103,7 @@ def test_random_requests_get_2xx_or_json_4xx(serving: ServeProcess, method: str,
         data = response.read()
     finally:
         conn.close()
+    serving.record_answer(response.status, data.decode("utf-8", "replace"))
     assert response.status < 500, (response.status, data[:200])
     assert response.getheader("Cache-Control") == "no-store"
     if response.status >= 400 and method != "HEAD":

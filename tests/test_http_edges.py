@@ -9,10 +9,12 @@ import socket
 
 import pytest
 
-from tests.conftest import BrokerFactory, RunningBroker
+from tests.conftest import BrokerFactory, RunningBroker, assert_still_serving
+from tests.fakes import FakeClock
 
 
 def _raw_tls(b: RunningBroker, request: bytes) -> bytes:
+    """Send ``request`` as written, read to EOF; a non-200 answer joins the leak scan."""
     ctx = b.pki.client_context("job")
     with socket.create_connection(("127.0.0.1", b.broker.api_port), timeout=5) as raw:
         with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
@@ -20,7 +22,10 @@ def _raw_tls(b: RunningBroker, request: bytes) -> bytes:
             chunks = []
             while chunk := tls.recv(65536):
                 chunks.append(chunk)
-    return b"".join(chunks)
+    answer = b"".join(chunks)
+    if not answer.startswith(b"HTTP/1.1 200 "):
+        b.error_bodies.append(answer.decode("latin-1"))
+    return answer
 
 
 def _parse(answer: bytes) -> tuple[int, dict[str, str], dict]:
@@ -51,25 +56,39 @@ async def test_malformed_http_gets_a_json_400(brokers: BrokerFactory, request_by
 async def test_header_injection_in_the_profile_name_is_not_reflected(brokers: BrokerFactory) -> None:
     b = await brokers.start()
     status, body, headers = await b.request("GET", "/v1/tokens/demo%0d%0aSet-Cookie:%20x=1")
-    assert status == 403 and body["error"] == "forbidden"
+    assert status == 403 and headers["Cache-Control"] == "no-store"
+    assert set(body) == {"error", "message"} and body["error"] == "forbidden"
+    assert "may not fetch" in body["message"] and "Set-Cookie" not in body["message"]
     assert "Set-Cookie" not in headers
-    assert (await b.get_token())["profile"] == "demo"
+    await assert_still_serving(b)
 
 
 async def test_rate_limit_per_client_certificate(brokers: BrokerFactory) -> None:
-    b = await brokers.start({"demo": {"allow": ["cn:job", "cn:job-other"]}},
+    """The limiter reads the broker's clock: a fake one here, so however long the real requests
+    take, the bucket refills only when the test moves time."""
+    clock = FakeClock()
+    b = await brokers.start({"demo": {"allow": ["cn:job", "cn:job-other"]}}, clock=clock,
                             server_extra="rate_limit = 1\nrate_limit_burst = 3")
+
+    async def limited(expected_retry_after: str) -> None:
+        status, body, headers = await b.request("GET", "/v1/tokens/demo")
+        assert status == 429 and set(body) == {"error", "message"} and body["error"] == "rate_limited"
+        assert f"too many requests from this client certificate; retry in {expected_retry_after}s" == body["message"]
+        assert headers["Retry-After"] == expected_retry_after and headers["Cache-Control"] == "no-store"
+
     for _ in range(3):
         assert (await b.request("GET", "/v1/tokens/demo"))[0] == 200
-    status, body, headers = await b.request("GET", "/v1/tokens/demo")
-    assert status == 429 and body["error"] == "rate_limited"
-    assert "too many requests from this client certificate" in body["message"]
-    assert headers["Retry-After"] == "1" and headers["Cache-Control"] == "no-store"
+    await limited("1")
     assert b.metric("broker_token_requests_total", profile="_any", outcome="rate_limited") == 1
     # Another certificate has its own bucket.
     assert (await b.request("GET", "/v1/tokens/demo", cert="job-other"))[0] == 200
-    await asyncio.sleep(1.05)
-    assert (await b.request("GET", "/v1/tokens/demo"))[0] == 200
+    await clock.advance(0.5)  # half a request refilled: still limited (a refused request spends nothing)
+    await limited("1")
+    assert b.metric("broker_token_requests_total", profile="_any", outcome="rate_limited") == 2
+    await clock.advance(0.5)  # one whole request refilled
+    await assert_still_serving(b)
+    await limited("1")  # and spent again
+    assert b.metric("broker_token_requests_total", profile="_any", outcome="rate_limited") == 3
 
 
 def test_token_bucket_refills_at_the_rate_and_caps_at_the_burst() -> None:

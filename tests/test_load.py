@@ -125,6 +125,9 @@ async def test_load_across_rotations_with_a_pause_and_an_external_revoke(
     # Every token still current at the end is valid at OpenBao.
     last = max(fetches, key=lambda f: f.started)
     assert token_is_valid(private_openbao, last.token)
+    # No token served during the run is in the child's stderr, audit, state, metrics or errors.
+    serve.seen_secrets.update(distinct)
+    serve.assert_no_leaks(metrics_text)
 
 
 async def _metrics(port: int) -> tuple[int, str]:

@@ -107,24 +107,42 @@ async def proxy(private_openbao: OpenBaoDevServer) -> AsyncIterator[TcpProxy]:
     await p.stop()
 
 
-async def test_slow_openbao_never_slows_fetches(brokers: BrokerFactory, private_openbao: OpenBaoDevServer,
-                                               proxy: TcpProxy) -> None:
+def vault_requests(b: RunningBroker) -> float:
+    """Every Vault call the broker has finished (any operation, any outcome)."""
+    return sum(sample.value for metric in b.broker.metrics.registry.collect()
+               if metric.name == "broker_vault_requests" for sample in metric.samples
+               if sample.name == "broker_vault_requests_total")
+
+
+CREATE = "/v1/auth/token/create"
+
+
+async def test_stalled_openbao_never_stalls_fetches(brokers: BrokerFactory, private_openbao: OpenBaoDevServer,
+                                                    proxy: TcpProxy) -> None:
+    """OpenBao fully stalled (the proxy holds every byte) in the middle of a rotation: fetches
+    are still answered, from the cache, without a single Vault call finishing meanwhile."""
     b = await brokers.start({"demo": {**FAST, "rotate_after": "20s", "check_interval": "30s"}},
                             vault=private_openbao, vault_address=proxy.address,
-                            extra="")
-    await b.get_token()
-    proxy.delay = 0.6  # every chunk each way: a rotation (create + lookup) now takes seconds
+                            vault_timeout="60s")  # the held call must not time out while the test looks
+    first = await b.get_token()
+    proxy.hold()
+    on_the_wire = proxy.request_seen(CREATE)
     rotation = asyncio.create_task(b.request("POST", "/v1/tokens/demo/rotate", cert="ops"))
-    slowest = 0.0
-    while not rotation.done():
-        started = time.monotonic()
-        await b.get_token()
-        slowest = max(slowest, time.monotonic() - started)
-        await asyncio.sleep(0.05)
-    status, body, _ = await rotation
+    try:
+        await asyncio.wait_for(on_the_wire.wait(), timeout=10)  # the rotation now waits on OpenBao
+        calls = vault_requests(b)
+        for _ in range(20):
+            body = await asyncio.wait_for(b.get_token(), timeout=10)
+            assert body["token"] == first["token"] and body["generation"] == 1
+        assert not rotation.done(), "the rotation is still stuck at OpenBao"
+        assert vault_requests(b) == calls, "no fetch waited on (or went to) OpenBao"
+        assert b.metric("broker_token_requests_total", profile="demo", outcome="served") >= 21
+    finally:
+        proxy.release()
+    status, body, _ = await asyncio.wait_for(rotation, timeout=20)
     assert status == 200 and body["generation"] == 2, body
-    # A fetch that waited on OpenBao would take at least one 0.6 s delay.
-    assert slowest < 0.5, f"a fetch waited on OpenBao ({slowest:.2f}s)"
+    assert vault_requests(b) > calls
+    assert (await b.get_token())["generation"] == 2
 
 
 async def test_connection_cut_mid_request_fails_the_rotation_then_recovers(
@@ -133,15 +151,19 @@ async def test_connection_cut_mid_request_fails_the_rotation_then_recovers(
     b = await brokers.start({"demo": {**FAST, "rotate_after": "20s"}}, vault=private_openbao,
                             vault_address=proxy.address)
     first = await b.get_token()
-    proxy.delay = 0.5
+    proxy.hold()
+    on_the_wire = proxy.request_seen(CREATE)
     rotation = asyncio.create_task(b.request("POST", "/v1/tokens/demo/rotate", cert="ops"))
-    await asyncio.sleep(0.3)
-    proxy.cut()  # the create request is on the wire
+    await asyncio.wait_for(on_the_wire.wait(), timeout=10)
+    proxy.cut()  # the create request is on the wire: drop it
+    proxy.release()
     status, body, headers = await rotation
-    assert status == 503 and body["error"] == "unavailable" and "Retry-After" in headers
+    assert status == 503 and set(body) == {"error", "message"} and body["error"] == "unavailable"
+    assert body["message"].startswith("no valid token for profile demo right now (cannot connect to Vault")
+    assert body["message"].endswith("retry later") and first["token"] not in body["message"]
+    assert int(headers["Retry-After"]) >= 1 and headers["Cache-Control"] == "no-store"
     assert (await b.get_token())["token"] == first["token"]
     assert b.metric("broker_rotations_total", profile="demo", outcome="failure") >= 1
-    proxy.delay = 0.0
     proxy.heal()
     await b.wait_for(lambda: b.generation() >= 2, timeout=5, what="the retried rotation")
     await _assert_recovers(b, within=5)

@@ -6,13 +6,24 @@ import asyncio
 import json
 import signal
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 
 from broker.devserver import OpenBaoDevServer
 from tests.conftest import BrokerFactory, Pki, token_is_valid
 from tests.faults import TcpProxy
 from tests.processes import serve_config
+
+CREATE = "/v1/auth/token/create"
+
+
+async def _shutdown_waits_on_a_request(server: Any) -> None:
+    """Return once aiohttp's shutdown is waiting for a request still in progress (the point
+    where a broker that did not let in-flight requests finish would cancel it)."""
+    while not any(getattr(handler, "_handler_waiter", None) is not None for handler in server.connections):
+        await asyncio.sleep(0.02)
 
 
 async def test_revoke_on_shutdown_revokes_everything_handed_out(brokers: BrokerFactory) -> None:
@@ -38,14 +49,18 @@ async def test_sigkill_mid_rotation_then_restart(tmp_path: Path, pki: Pki, openb
         status, _ = await serve.request("/v1/tokens/demo/rotate", cert="ops", method="POST")
         assert status == 200
         _, second = await serve.request("/v1/tokens/demo")
-        proxy.delay = 0.5  # the next rotation is on the wire when the broker is killed
+        proxy.hold()  # OpenBao stalls: the next rotation's create call is on the wire when the broker is killed
+        on_the_wire = proxy.request_seen(CREATE)
         rotation = asyncio.create_task(serve.request("/v1/tokens/demo/rotate", cert="ops", method="POST"))
-        await asyncio.sleep(0.4)
-        assert serve.proc is not None
+        await asyncio.wait_for(on_the_wire.wait(), timeout=10)
+        assert serve.proc is not None and not rotation.done()
         serve.proc.send_signal(signal.SIGKILL)
         await serve.proc.wait()
-        rotation.cancel()
-        proxy.delay = 0.0
+        with pytest.raises(aiohttp.ClientError):  # the admin call in flight never got an answer
+            await asyncio.wait_for(rotation, timeout=10)
+        proxy.cut()  # drop the held create call: it never reaches OpenBao
+        proxy.release()
+        proxy.heal()
     finally:
         await serve.stop()
 
@@ -64,6 +79,7 @@ async def test_sigkill_mid_rotation_then_restart(tmp_path: Path, pki: Pki, openb
         else:
             raise AssertionError("pending revocations were not carried out after the restart")
         assert token_is_valid(openbao, third["token"])
+        metrics = await serve.metrics_text()
     finally:
         assert await serve.stop() == 0
         await proxy.stop()
@@ -72,17 +88,25 @@ async def test_sigkill_mid_rotation_then_restart(tmp_path: Path, pki: Pki, openb
     assert events[-1]["event"] != "token_rot"
     for token in (first["token"], second["token"], third["token"]):
         assert token not in text
+    serve.assert_no_leaks(metrics)  # stderr of both runs, audit, state, metrics, error answers
 
 
 async def test_sigterm_lets_in_flight_requests_finish(brokers: BrokerFactory, openbao: OpenBaoDevServer) -> None:
     proxy = await TcpProxy("127.0.0.1", openbao.port).start()
     try:
-        b = await brokers.start(vault_address=proxy.address)
+        b = await brokers.start(vault_address=proxy.address, vault_timeout="60s")
         first = await b.get_token()
-        proxy.delay = 0.4  # the rotation below takes a couple of seconds
+        proxy.hold()  # the rotation below waits on OpenBao until the shutdown is under way
+        on_the_wire = proxy.request_seen(CREATE)
         rotation = asyncio.create_task(b.request("POST", "/v1/tokens/demo/rotate", cert="ops"))
-        await asyncio.sleep(0.3)
+        await asyncio.wait_for(on_the_wire.wait(), timeout=10)
+        api_server = b.broker._runners[0].server  # the API runner's; the shutdown forgets the runners
         b.stop.set()  # what SIGTERM does
+        await asyncio.wait_for(_shutdown_waits_on_a_request(api_server), timeout=10)
+        assert not rotation.done()
+        with pytest.raises(OSError):  # the listener is already closed while the request is in flight
+            await asyncio.open_connection("127.0.0.1", b.broker.api_port)
+        proxy.release()
         status, body, _ = await rotation
         assert status == 200 and body["generation"] == 2, "the request in flight was answered"
         await asyncio.wait_for(b.task, timeout=20)
