@@ -8,6 +8,9 @@ No message in this module's exceptions may carry a token value.
 
 from __future__ import annotations
 
+import traceback
+from pathlib import Path
+
 
 class BrokerError(Exception):
     """Base class of every error the broker raises on purpose."""
@@ -75,3 +78,12 @@ class RefreshRejected(BrokerError):
 
 class FamilyNotFound(BrokerError):
     """No live family with that id belongs to the caller's certificate."""
+
+
+def describe_bug(exc: BaseException) -> str:
+    """An unexpected exception for the log: its type and the code locations it passed through,
+    innermost first — never its message or a traceback's text, which could quote a value (a
+    third-party message may hold a header or a body)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-6:]))
+    return f"{type(exc).__name__} at {where or '?'}"

@@ -1,36 +1,73 @@
 """Per-job token families against a real OpenBao over real mTLS: create, refresh, retry,
-reuse detection (three ways), release, expiry, restart."""
+reuse detection (three ways), release, expiry, restart, and ending a family while Vault or the
+state disk fails."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
+import stat
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from tests.conftest import BrokerFactory, RunningBroker, token_is_valid
+from broker.devserver import OpenBaoDevServer
+from tests.conftest import BrokerFactory, RunningBroker, assert_error, assert_still_serving, raw, token_is_valid
+from tests.fakes import FakeClock
+from tests.faults import TcpProxy
 
 PER_JOB = {"mode": "per-job", "ttl": "60s", "grace": "3s", "rotate_after": "40s", "reuse_interval": "2s",
            "allow": ["cn:job", "cn:job-other"]}
+# For a fake clock: nothing falls due unless the test moves time, and a grace long enough to
+# tell "revoked now" from "revoked when the grace ends".
+SLOW = {**PER_JOB, "ttl": "1h", "grace": "10m", "rotate_after": "40m"}
 FAMILY_KEYS = {"profile", "token", "expires_at", "refresh_token", "refresh_expires_at", "family", "generation"}
+INVALID = "unknown refresh token, or its family has ended"
+REUSED = "this refresh token was already used, so the whole token family has been revoked"
+
+
+@pytest.fixture
+async def proxy(openbao: OpenBaoDevServer) -> AsyncIterator[TcpProxy]:
+    p = await TcpProxy("127.0.0.1", openbao.port).start()
+    yield p
+    await p.stop()
 
 
 async def _create(b: RunningBroker, cert: str = "job") -> dict[str, Any]:
-    status, body, _ = await b.request("POST", "/v1/tokens/deploy", cert=cert)
+    status, body, headers = await b.request("POST", "/v1/tokens/deploy", cert=cert)
     assert status == 200, body
     b.seen_secrets.add(body["refresh_token"])
+    assert headers.get("Cache-Control") == "no-store", "the answer carries a token and a refresh token"
     return body  # type: ignore[no-any-return]
 
 
 async def _refresh(b: RunningBroker, refresh_token: str, cert: str = "job") -> tuple[int, dict[str, Any]]:
-    status, body, _ = await b.request("POST", "/v1/refresh", cert=cert, json={"refresh_token": refresh_token})
+    status, body, headers = await b.request("POST", "/v1/refresh", cert=cert, json={"refresh_token": refresh_token})
     if status == 200:
         b.seen_secrets.add(body["refresh_token"])
+        assert headers.get("Cache-Control") == "no-store", "the answer carries a token and a refresh token"
     return status, body
+
+
+async def _refused(b: RunningBroker, refresh_token: str, code: str, needle: str, cert: str = "job") -> None:
+    answer = await raw(b, "POST", "/v1/refresh", cert=cert, json={"refresh_token": refresh_token})
+    assert_error(answer, 401, code, needle)
+
+
+async def _assert_still_serving(b: RunningBroker) -> None:
+    """A new family still starts, and its token works at Vault."""
+    assert token_is_valid(b.vault, (await _create(b))["token"])
 
 
 def _events(b: RunningBroker, name: str) -> list[dict[str, Any]]:
     return [e for e in b.audit_events() if e["event"] == name]
+
+
+def _mode(path: Any) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
 
 
 async def test_create_refresh_refresh(brokers: BrokerFactory) -> None:
@@ -47,19 +84,27 @@ async def test_create_refresh_refresh(brokers: BrokerFactory) -> None:
     assert token_is_valid(b.vault, first["token"]), "the old Vault token lives through grace"
     await b.wait_for(lambda: not token_is_valid(b.vault, first["token"]), timeout=6, what="revocation after grace")
     assert [e["generation"] for e in _events(b, "family_refreshed")] == [2, 3]
-    assert _events(b, "family_created")[0]["identity"] == "cn:job"
-    state = (b.broker.config.state.dir / "families.json").read_text()
+    # The code audits a family's first token as family_created (there is no separate token_minted).
+    created = [(e["profile"], e["identity"], e["generation"], e["family"], e["token_fp"])
+               for e in _events(b, "family_created")]
+    assert created == [("deploy", "cn:job", 1, first["family"], hashlib.sha256(first["token"].encode()).hexdigest()[:16])]
+    state_dir = b.broker.config.state.dir
+    state = (state_dir / "families.json").read_text()
     assert first["refresh_token"] not in state and third["refresh_token"] not in state
+    assert {name: _mode(state_dir / name) for name in ("families.json", "revocations.json")} == {
+        "families.json": 0o600, "revocations.json": 0o600}
 
 
 async def test_shared_profile_get_and_per_job_post_are_told_apart(brokers: BrokerFactory) -> None:
     b = await brokers.start({"demo": {}, "deploy": PER_JOB})
-    status, body, _ = await b.request("GET", "/v1/tokens/deploy")
-    assert status == 400 and "per-job" in body["message"] and "POST /v1/tokens/deploy" in body["message"]
-    status, body, _ = await b.request("POST", "/v1/tokens/demo")
-    assert status == 400 and "shared" in body["message"]
-    status, body, _ = await b.request("POST", "/v1/tokens/deploy", cert="stranger")
-    assert status == 403 and body["error"] == "forbidden"
+    assert_error(await raw(b, "GET", "/v1/tokens/deploy"), 400, "bad_request",
+                 "profile deploy is per-job", "POST /v1/tokens/deploy")
+    assert_error(await raw(b, "POST", "/v1/tokens/demo"), 400, "bad_request",
+                 "profile demo is shared", "GET /v1/tokens/demo")
+    assert_error(await raw(b, "POST", "/v1/tokens/deploy", cert="stranger"), 403, "forbidden",
+                 "may not fetch that profile")
+    await assert_still_serving(b)
+    await _assert_still_serving(b)
 
 
 async def test_retry_within_the_interval_returns_the_same_pair(brokers: BrokerFactory) -> None:
@@ -81,8 +126,8 @@ async def _assert_family_revoked(b: RunningBroker, bodies: list[dict[str, Any]])
     assert len(reuse) == 1 and reuse[0]["family"] == bodies[0]["family"]
     assert reuse[0]["owner_identity"] == "cn:job" and reuse[0]["identity"]
     assert _events(b, "family_revoked")[0]["reason"] == "reuse_detected"
-    status, body = await _refresh(b, bodies[-1]["refresh_token"])
-    assert status == 401 and body["error"] == "refresh_token_invalid", "the family is gone"
+    await _refused(b, bodies[-1]["refresh_token"], "refresh_token_invalid", INVALID)  # the family is gone
+    await _assert_still_serving(b)
 
 
 async def test_replay_after_the_interval_revokes_the_family(brokers: BrokerFactory) -> None:
@@ -90,9 +135,7 @@ async def test_replay_after_the_interval_revokes_the_family(brokers: BrokerFacto
     first = await _create(b)
     _, second = await _refresh(b, first["refresh_token"])
     await asyncio.sleep(1.2)
-    status, body = await _refresh(b, first["refresh_token"])
-    assert status == 401 and body["error"] == "refresh_token_reused"
-    assert "whole token family has been revoked" in body["message"]
+    await _refused(b, first["refresh_token"], "refresh_token_reused", REUSED)
     await _assert_family_revoked(b, [first, second])
 
 
@@ -101,16 +144,14 @@ async def test_replay_of_an_older_generation_revokes_the_family(brokers: BrokerF
     first = await _create(b)
     _, second = await _refresh(b, first["refresh_token"])
     _, third = await _refresh(b, second["refresh_token"])
-    status, body = await _refresh(b, first["refresh_token"])  # two generations back: never a retry
-    assert status == 401 and body["error"] == "refresh_token_reused"
+    await _refused(b, first["refresh_token"], "refresh_token_reused", REUSED)  # two generations back: never a retry
     await _assert_family_revoked(b, [first, second, third])
 
 
 async def test_live_refresh_token_from_another_certificate_revokes_the_family(brokers: BrokerFactory) -> None:
     b = await brokers.start({"deploy": PER_JOB})
     first = await _create(b)
-    status, body = await _refresh(b, first["refresh_token"], cert="job-other")
-    assert status == 401 and body["error"] == "refresh_token_reused"
+    await _refused(b, first["refresh_token"], "refresh_token_reused", REUSED, cert="job-other")
     await _assert_family_revoked(b, [first])
     reuse = _events(b, "reuse_detected")[0]
     assert reuse["identity"] == "cn:job-other" and reuse["same_certificate"] is False
@@ -145,17 +186,18 @@ async def test_release_revokes_the_family_only_for_its_own_certificate(brokers: 
     b = await brokers.start({"deploy": PER_JOB})
     first = await _create(b)
     _, second = await _refresh(b, first["refresh_token"])
-    status, body, _ = await b.request("DELETE", f"/v1/families/{first['family']}", cert="job-other")
-    assert status == 404 and body["error"] == "not_found"
-    status, body, _ = await b.request("DELETE", "/v1/families/fam_unknown")
-    assert status == 404 and body["error"] == "not_found"
+    foreign = await raw(b, "DELETE", f"/v1/families/{first['family']}", cert="job-other")
+    assert_error(foreign, 404, "not_found", f"no live token family {first['family']!r} for this client certificate")
+    unknown = await raw(b, "DELETE", "/v1/families/fam_unknown")
+    assert_error(unknown, 404, "not_found", "no live token family 'fam_unknown' for this client certificate")
     assert token_is_valid(b.vault, second["token"])
+    await _assert_still_serving(b)
     status, body, _ = await b.request("DELETE", f"/v1/families/{first['family']}")
     assert status == 200 and body == {"family": first["family"], "profile": "deploy", "revoked": True}
     assert not token_is_valid(b.vault, first["token"]) and not token_is_valid(b.vault, second["token"])
     assert _events(b, "family_revoked")[0]["reason"] == "released"
-    status, body = await _refresh(b, second["refresh_token"])
-    assert status == 401 and body["error"] == "refresh_token_invalid"
+    await _refused(b, second["refresh_token"], "refresh_token_invalid", INVALID)
+    await _assert_still_serving(b)
 
 
 async def test_families_end_at_their_maximum_age(brokers: BrokerFactory) -> None:
@@ -165,8 +207,8 @@ async def test_families_end_at_their_maximum_age(brokers: BrokerFactory) -> None
     await b.wait_for(lambda: bool(_events(b, "family_revoked")), timeout=8, what="the family to expire")
     assert _events(b, "family_revoked")[0]["reason"] == "expired"
     assert not token_is_valid(b.vault, first["token"])
-    status, body = await _refresh(b, first["refresh_token"])
-    assert status == 401 and body["error"] == "refresh_token_invalid"
+    await _refused(b, first["refresh_token"], "refresh_token_invalid", INVALID)
+    await _assert_still_serving(b)
 
 
 async def test_restart_keeps_families_and_refuses_spent_tokens(brokers: BrokerFactory) -> None:
@@ -177,8 +219,7 @@ async def test_restart_keeps_families_and_refuses_spent_tokens(brokers: BrokerFa
     await b.shutdown()
     again = await brokers.start(profiles, directory=b.dir, roles=b.roles, auth=b.auth_entries())
     again.seen_secrets |= b.seen_secrets
-    status, body = await _refresh(again, first["refresh_token"])  # spent before the restart
-    assert status == 401 and body["error"] == "refresh_token_reused"
+    await _refused(again, first["refresh_token"], "refresh_token_reused", REUSED)  # spent before the restart
     assert not token_is_valid(b.vault, second["token"])
     b2 = await _create(again)
     status, third = await _refresh(again, b2["refresh_token"])
@@ -220,11 +261,124 @@ async def test_family_requests_while_logged_out_do_not_each_start_a_login(broker
                    if 'operation="login_approle"' in line)
 
     before = logins()
-    statuses = [(await b.request("POST", "/v1/tokens/deploy"))[0] for _ in range(15)]
-    assert set(statuses) == {503}
+    for _ in range(15):
+        answer = await raw(b, "POST", "/v1/tokens/deploy")
+        assert_error(answer, 503, "unavailable", "cannot mint a token right now", "retry later")
+        assert answer.headers["Retry-After"] == "2"
     assert logins() - before <= 3, "a burst of job requests did not turn into a burst of logins"
+    status, _ = await b.ops("/healthz")
+    assert status == 200, "still serving: the process answers, and jobs get a clear 503 until Vault is back"
 
 
 def _samples(b: RunningBroker, name: str) -> list[tuple[str, float]]:
     return [(line, float(line.rsplit(" ", 1)[1])) for line in b.metrics_text().splitlines()
             if line.startswith(name + "{")]
+
+
+# --- ending a family is "revoke now", even while Vault or the state disk fails ---------------
+
+@pytest.mark.parametrize("how", ["release", "reuse"])
+async def test_a_family_ended_while_vault_is_down_has_every_token_revoked_once_vault_is_back(
+        brokers: BrokerFactory, proxy: TcpProxy, how: str) -> None:
+    clock = FakeClock()
+    b = await brokers.start({"deploy": SLOW}, clock=clock, vault_address=proxy.address)
+    queue = b.broker.revocations
+    first = await _create(b)
+    _, second = await _refresh(b, first["refresh_token"])
+    assert [(e.generation, e.revoke_at > clock.now()) for e in queue.pending] == [(1, True)], "1 is in its grace"
+    [grace_ends] = [e.revoke_at for e in queue.pending]
+    proxy.cut()
+    if how == "release":
+        status, body, _ = await b.request("DELETE", f"/v1/families/{first['family']}")
+        assert status == 200 and body["revoked"] is True
+    else:
+        await _refused(b, second["refresh_token"], "refresh_token_reused", REUSED, cert="job-other")
+    pending = [e for e in queue.pending if e.family == first["family"]]
+    assert sorted(e.generation for e in pending) == [1, 2], "Vault confirmed nothing: both stay queued"
+    assert all(e.revoke_at <= clock.now() for e in pending), "due now, not when generation 1's grace ends"
+    proxy.heal()
+    # Fake time moves on only while the queue's retries need it, and stays far inside the grace.
+    for _ in range(100):
+        if not token_is_valid(b.vault, first["token"]) and not token_is_valid(b.vault, second["token"]):
+            break
+        await clock.advance(5)
+        await asyncio.sleep(0.02)  # the retry's Vault call runs on a thread
+    else:
+        raise AssertionError("generation 1 or 2 still valid at Vault 500 s after Vault came back")
+    assert clock.now() < grace_ends, "revoked before generation 1's grace would have ended"
+    await b.wait_for(lambda: not [e for e in queue.pending if e.family == first["family"]], what="the queue emptied")
+    await _assert_still_serving(b)
+
+
+async def test_a_family_is_forgotten_only_once_its_tokens_are_queued(brokers: BrokerFactory,
+                                                                       proxy: TcpProxy) -> None:
+    b = await brokers.start({"deploy": SLOW}, vault_address=proxy.address, vault_timeout="30s")
+    first = await _create(b)
+    _, second = await _refresh(b, first["refresh_token"])
+    state_dir = b.broker.config.state.dir
+    [family] = json.loads((state_dir / "families.json").read_text())
+    current = family["current"]["accessor"]
+    revoking = proxy.request_seen("/v1/auth/token/revoke-accessor")
+    proxy.hold()  # Vault stalls on the first revocation: a crash now leaves the disk as it is
+    release = asyncio.create_task(b.request("DELETE", f"/v1/families/{first['family']}"))
+    try:
+        await asyncio.wait_for(revoking.wait(), timeout=20)
+        families = json.loads((state_dir / "families.json").read_text())
+        queued = json.loads((state_dir / "revocations.json").read_text())
+        seen_at = time.time()
+    finally:
+        proxy.release()
+    tracked = {f["current"]["accessor"] for f in families} | {e["accessor"] for e in queued}
+    assert current in tracked, "the family's current token was on disk neither in the family nor in the queue"
+    assert sorted(e["generation"] for e in queued if e["family"] == first["family"]) == [1, 2]
+    assert all(e["revoke_at"] <= seen_at for e in queued), "generation 1 made due now, not left in its grace"
+    status, body, _ = await release
+    assert status == 200 and body["revoked"] is True
+    assert not token_is_valid(b.vault, first["token"]) and not token_is_valid(b.vault, second["token"])
+    await _assert_still_serving(b)
+
+
+async def test_unknown_family_ids_leave_no_lock_behind(brokers: BrokerFactory) -> None:
+    b = await brokers.start({"deploy": PER_JOB})
+    manager = b.broker.families
+    assert manager is not None
+    for i in range(20):
+        await _refused(b, f"fam_guess{i}.secret", "refresh_token_invalid", INVALID)
+        answer = await raw(b, "DELETE", f"/v1/families/fam_guess{i}")
+        assert_error(answer, 404, "not_found", f"no live token family 'fam_guess{i}' for this client certificate")
+    assert manager.lock_count == 0, "a lock per guessed family id is memory anyone with a cert can fill"
+    first = await _create(b)
+    _, second = await _refresh(b, first["refresh_token"])
+    assert manager.lock_count == 1
+    status, _, _ = await b.request("DELETE", f"/v1/families/{first['family']}")
+    assert status == 200 and manager.lock_count == 0, "a released family's lock goes with it"
+    other = await _create(b)
+    _, _ = await _refresh(b, other["refresh_token"])
+    await _refused(b, other["refresh_token"], "refresh_token_reused", REUSED, cert="job-other")
+    assert manager.lock_count == 0, "so does the lock of a family ended by reuse"
+    await _assert_still_serving(b)
+
+
+async def test_a_failing_state_write_in_the_expiry_loop_does_not_stop_the_broker(brokers: BrokerFactory) -> None:
+    clock = FakeClock()
+    quiet = {"ttl": "1h", "grace": "10m", "rotate_after": "40m", "check_interval": "30m"}
+    b = await brokers.start({"demo": quiet, "deploy": {**SLOW, "family_max_age": "10m"}}, clock=clock)
+    manager = b.broker.families
+    assert manager is not None
+    first = await _create(b)
+    families_file = b.broker.config.state.dir / "families.json"
+    families_file.unlink()
+    families_file.mkdir()  # from now on every write of it fails (EISDIR), as on a full or read-only disk
+    await clock.settle()  # the loop has gone to sleep until the family's maximum age
+    await clock.advance(601)
+    await b.wait_for(lambda: not token_is_valid(b.vault, first["token"]), timeout=10, what="the expired family revoked")
+    await b.wait_for(lambda: manager.retry_at is not None, timeout=10, what="the loop backing off")
+    assert not b.task.done(), "the broker is still running"
+    assert manager.retry_at - clock.now() <= 1.0 + 1e-6, "first failure: full jitter within 1 s"
+    await assert_still_serving(b)
+    assert (await b.ops("/healthz"))[0] == 200
+    families_file.rmdir()
+    await clock.advance(manager.retry_at - clock.now())
+    await b.wait_for(lambda: manager.retry_at is None, timeout=10, what="the retried write to succeed")
+    assert json.loads(families_file.read_text()) == [] and _mode(families_file) == 0o600
+    await _assert_still_serving(b)

@@ -178,9 +178,6 @@ async def test_expiry_gauges_follow_current_and_previous(brokers: BrokerFactory)
     assert _gauge(b, "previous") == 0
 
 
-@pytest.mark.xfail(strict=True, reason="the revocation queue revokes the previous token after grace but nothing "
-                                       "clears the previous slot, so its expiry gauge keeps the revoked token's "
-                                       "expires_at (a fix belongs in broker/tokens/); remove this mark with it")
 async def test_previous_expiry_gauge_reads_0_once_grace_revocation_is_done(brokers: BrokerFactory) -> None:
     b = await brokers.start({"demo": {"ttl": "60s", "rotate_after": "40s", "grace": "2s", "check_interval": "60s"}})
     first = await b.get_token()

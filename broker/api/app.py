@@ -23,6 +23,7 @@ from broker.api.ratelimit import RateLimiter
 from broker.audit import AuditLog, rfc3339
 from broker.clock import Clock
 from broker.config import ProfileConfig
+from broker.errors import describe_bug
 from broker.identity import Caller
 from broker.metrics import Metrics
 from broker.tokens.families import FamilyManager
@@ -162,8 +163,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             message = f"method {request.method} not allowed here" + (f"; use {allowed}" if allowed else "")
         return error_response(exc.status, message, headers={k: v for k, v in exc.headers.items()
                                                                if k in ("Allow", "Retry-After")})
-    except Exception:
-        log.exception("internal_error route=%s", _route_label(request))
+    except Exception as exc:
+        log.error("internal_error route=%s error=%s", _route_label(request), describe_bug(exc))
         return error_response(500, "internal error; the broker logged the details")
     finally:
         deps.metrics.observe_request(_route_label(request), time.perf_counter() - started)
@@ -196,7 +197,7 @@ class JsonErrorsRequestHandler(RequestHandler):
                      message: str | None = None) -> web.StreamResponse:
         reason = _PROTOCOL_ERRORS.get(type(exc).__name__, "the request could not be parsed")
         if status >= 500:
-            log.error("internal_error while parsing a request", exc_info=exc)
+            log.error("internal_error while parsing a request error=%s", describe_bug(exc) if exc else "?")
             text = "internal error; the broker logged the details"
         else:
             log.info("http_rejected status=%d reason=%s", status, reason)

@@ -19,7 +19,8 @@ from broker.tls import peer_der, require_client_auth_eku
 from broker.tokens import policy
 from broker.tokens.families import MAX_REFRESH_TOKEN_LENGTH, FamilyManager, Issued
 from broker.tokens.model import Token
-from broker.tokens.rotator import Rotator
+from broker.tokens.revocations import RevocationPending
+from broker.tokens.rotator import BeyondGrant, Rotator
 
 
 def verified_caller(transport: asyncio.BaseTransport | None) -> Caller:
@@ -121,6 +122,8 @@ async def get_token(request: web.Request) -> web.Response:
     rotator = deps.rotators[profile.name]
     try:
         token = await rotator.token_with(min_ttl)
+    except BeyondGrant as exc:
+        raise ApiError(400, str(exc)) from None
     except VaultError as exc:
         raise _unavailable(deps, rotator, exc.detail) from None
     now = deps.clock.now()
@@ -236,6 +239,12 @@ async def admin_revoke(request: web.Request) -> web.Response:
            reason="requested")
     try:
         await rotator.revoke_all()
+    except RevocationPending as exc:
+        # Not 503: the client retries those, and a retry that finds nothing left to revoke and
+        # mints would answer 200 while a leaked token may still be valid at Vault.
+        raise ApiError(502, f"revocation of profile {rotator.name}'s tokens is queued but not confirmed: "
+                            f"{exc.detail}; watch broker_revocations_pending and token_revoked in the audit log",
+                       code="revocation_pending") from None
     except VaultError as exc:
         raise _unavailable(deps, rotator, exc.detail) from None
     return web.json_response(_admin_body(rotator))

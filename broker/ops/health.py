@@ -34,9 +34,16 @@ def profile_report(now: float, state: ProfileState) -> dict[str, object]:
 
 
 def readiness(now: float, states: Iterable[ProfileState], audit_ok: bool, vault_authenticated: bool,
-              vault_error: str | None, audit_required: bool = True) -> Readiness:
+              vault_error: str | None, audit_required: bool = True, state_error: str | None = None) -> Readiness:
     """``audit_required`` false ([audit] on_failure = "continue"): a failing audit log is
-    reported but does not make the broker unready, since it keeps serving."""
+    reported but does not make the broker unready, since it keeps serving.
+
+    ``state_error`` (the revocation queue cannot be written to the state dir) is reported but
+    does not make the broker unready: every token served is still valid and every pending
+    revocation is still carried out from memory; only a restart before the disk recovers would
+    forget some. Taking a serving broker out of rotation would not fix the disk, and a disk that
+    stays broken makes rotations fail (profiles.json cannot be written either), which does turn
+    the profiles unhealthy after their alert_threshold."""
     profiles = {s.name: profile_report(now, s) for s in states}
     problems = [f"profile {name}: {'; '.join(r['reasons'])}"  # type: ignore[arg-type]
                 for name, r in profiles.items() if not r["ready"]]
@@ -49,6 +56,7 @@ def readiness(now: float, states: Iterable[ProfileState], audit_ok: bool, vault_
             "problems": problems,
             "profiles": profiles,
             "audit": "ok" if audit_ok else "failing",
+            "state": {"ok": state_error is None, "last_error": state_error},
             "vault": {"authenticated": vault_authenticated, "last_error": vault_error},
         },
     )

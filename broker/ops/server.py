@@ -22,6 +22,7 @@ class OpsDeps:
     audit_ok: Callable[[], bool]
     audit_required: bool
     vault_status: Callable[[], tuple[bool, str | None]]
+    state_error: Callable[[], str | None] = lambda: None
 
 
 OPS = web.AppKey("ops", OpsDeps)
@@ -35,7 +36,7 @@ async def readyz(request: web.Request) -> web.Response:
     deps = request.app[OPS]
     authenticated, vault_error = deps.vault_status()
     result = readiness(deps.clock.now(), deps.cache.all(), deps.audit_ok(), authenticated, vault_error,
-                       deps.audit_required)
+                       deps.audit_required, state_error=deps.state_error())
     return web.json_response(result.details, status=200 if result.ready else 503)
 
 

@@ -21,6 +21,7 @@ import enum
 import hashlib
 import hmac
 import logging
+import random
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,9 +29,10 @@ from dataclasses import dataclass, field
 from broker.audit import AuditLog
 from broker.clock import Clock, sleep_or_wake
 from broker.config import ProfileConfig
-from broker.errors import AuditUnavailable, FamilyNotFound, RefreshRejected, VaultError, VaultUnavailable
+from broker.errors import AuditUnavailable, BrokerError, FamilyNotFound, RefreshRejected, VaultError, describe_bug
 from broker.identity import Caller, matches
 from broker.metrics import Metrics
+from broker.tokens import policy
 from broker.tokens.model import Token
 from broker.tokens.revocations import RevocationQueue
 from broker.tokens.store import PendingRevocation, StateStore
@@ -137,6 +139,7 @@ class FamilyManager:
         clock: Clock,
         audit: AuditLog,
         metrics: Metrics,
+        rng: random.Random | None = None,
     ) -> None:
         self._profiles = {n: p for n, p in profiles.items() if p.mode == "per-job"}
         self._vault = vault
@@ -146,11 +149,16 @@ class FamilyManager:
         self._clock = clock
         self._audit = audit
         self._metrics = metrics
+        self._rng = rng or random.Random()
         self._families: dict[str, Family] = {}
         # The last pair handed out per family, in memory only, to answer a retried refresh.
         self._last_issued: dict[str, Issued] = {}
+        # Only for families we track, and dropped when one ends: ids come from callers.
         self._locks: dict[str, asyncio.Lock] = {}
         self._wake = asyncio.Event()
+        self._unsaved = False  # the last write of families.json failed; the loop retries it
+        self._failures = 0
+        self._retry_at: float | None = None
 
     def load(self) -> None:
         self._families = {f.id: f for f in map(Family.from_json, self._store.load_families())}
@@ -159,8 +167,24 @@ class FamilyManager:
     def families(self) -> tuple[Family, ...]:
         return tuple(self._families.values())
 
+    @property
+    def lock_count(self) -> int:
+        """Per-family locks held in memory: never more than the families tracked."""
+        return len(self._locks)
+
+    @property
+    def retry_at(self) -> float | None:
+        """When the background loop retries after a failed pass; None while it is not failing."""
+        return self._retry_at
+
     async def _persist(self) -> None:
-        await self._store.save_families([f.to_json() for f in self._families.values()])
+        # Writes land in call order, so the flag ends up telling whether the newest one failed.
+        try:
+            await self._store.save_families([f.to_json() for f in self._families.values()])
+        except OSError:
+            self._unsaved = True
+            raise
+        self._unsaved = False
 
     def _record(self, event: str, **fields: object) -> None:
         """Audit a family event; refusing here would leave Vault and our state out of step."""
@@ -169,8 +193,11 @@ class FamilyManager:
         except AuditUnavailable:
             pass
 
-    def _lock(self, family: str) -> asyncio.Lock:
-        return self._locks.setdefault(family, asyncio.Lock())
+    def _lock(self, family_id: str) -> asyncio.Lock | None:
+        """The lock of a family we track; None (and no lock made) for any other id."""
+        if family_id not in self._families:
+            return None
+        return self._locks.setdefault(family_id, asyncio.Lock())
 
     # --- minting -------------------------------------------------------------------------
 
@@ -227,8 +254,11 @@ class FamilyManager:
 
     async def refresh(self, refresh_token: str, caller: Caller) -> Issued:
         family_id = family_of(refresh_token)
-        async with self._lock(family_id):
-            family = self._families.get(family_id)
+        lock = self._lock(family_id)
+        if lock is None:
+            raise RefreshRejected("refresh_token_invalid", "unknown refresh token, or its family has ended")
+        async with lock:
+            family = self._families.get(family_id)  # it may have ended while we waited
             if family is None:
                 raise RefreshRejected("refresh_token_invalid", "unknown refresh token, or its family has ended")
             now = self._clock.now()
@@ -292,53 +322,112 @@ class FamilyManager:
 
     async def release(self, family_id: str, caller: Caller) -> Family:
         """The job is done: revoke the family's tokens now. Only its own certificate may."""
-        async with self._lock(family_id):
+        not_found = FamilyNotFound(f"no live token family {family_id[:40]!r} for this client certificate")
+        lock = self._lock(family_id)
+        if lock is None:
+            raise not_found
+        async with lock:
             family = self._families.get(family_id)
             if family is None or not hmac.compare_digest(family.owner_fp, caller.fingerprint):
-                raise FamilyNotFound(f"no live token family {family_id[:40]!r} for this client certificate")
+                raise not_found
             await self._end(family, "released")
             return family
 
     async def _end(self, family: Family, reason: str) -> None:
-        """Revoke every Vault token of the family (current and those in grace) and forget it."""
+        """Revoke every Vault token of the family (current and those in grace) and forget it.
+
+        Ending means "revoke now": first every token of the family is in the revocation queue,
+        due now (not at the end of a grace that may be a thief's window), and only then is the
+        family forgotten, so a crash in between leaves no token that nothing tracks. Whatever
+        Vault does not confirm stays queued, due now, and the queue's loop retries it.
+        """
+        current = PendingRevocation(accessor=family.current.accessor, profile=family.profile,
+                                    generation=family.current.generation, token_fp=family.current.token_fp,
+                                    revoke_at=self._clock.now(), family=family.id)
+        due = await self._revocations.queue_now([current], family=family.id)
         self._families.pop(family.id, None)
         self._last_issued.pop(family.id, None)
-        await self._persist()
-        await self._revoke_now(family.current, family.profile, family.id, reason)
+        self._locks.pop(family.id, None)  # a holder keeps its reference; later callers find no family
         try:
-            await self._revocations.revoke_family_now(family.id, reason)
+            await self._persist()
+        except OSError as exc:
+            # The family is over in memory and its tokens are queued; only the file is behind.
+            log.error("family_state_unsaved family=%s error=%s action=retrying", family.id, exc.strerror or exc)
+            self._wake.set()
+        try:
+            await self._revocations.revoke_queued(due, reason)
         except VaultError as exc:
             log.warning("family_revoke_incomplete family=%s error=%s action=queued for retry", family.id, exc)
         log.info("family_revoked profile=%s family=%s reason=%s", family.profile, family.id, reason)
         self._record("family_revoked", profile=family.profile, identity=family.owner_identity,
                      generation=family.generation, token_fp=family.current.token_fp, reason=reason, family=family.id)
 
+    async def _end_each(self, family_ids: list[str], reason: str) -> int:
+        """End each family still tracked; one that fails (logged) does not hold up the rest.
+        Returns how many failed."""
+        failed = 0
+        for family_id in family_ids:
+            lock = self._lock(family_id)
+            if lock is None:
+                continue
+            try:
+                async with lock:
+                    family = self._families.get(family_id)  # the newest state, not a snapshot
+                    if family is not None:
+                        await self._end(family, reason)
+            except Exception as exc:
+                failed += 1
+                _log_failure("family_end_failed", exc, f"family={family_id} reason={reason}")
+        return failed
+
     async def end_all(self, reason: str) -> None:
-        """Opt-in revocation on shutdown: every family ends now."""
-        for family in list(self._families.values()):
-            async with self._lock(family.id):
-                if family.id in self._families:
-                    await self._end(family, reason)
+        """Opt-in revocation on shutdown: every family ends now (failures are logged)."""
+        await self._end_each(list(self._families), reason)
 
     # --- expiry ----------------------------------------------------------------------------
 
-    async def end_expired(self) -> None:
+    async def end_expired(self) -> int:
+        """End every family past its maximum age; returns how many could not be ended."""
         now = self._clock.now()
-        for family in [f for f in self._families.values() if f.expires_at <= now]:
-            async with self._lock(family.id):
-                if family.id in self._families:
-                    await self._end(family, "expired")
+        return await self._end_each([f.id for f in self._families.values() if f.expires_at <= now], "expired")
 
     def _next_expiry_in(self) -> float:
         if not self._families:
             return 3600.0
         return max(0.0, min(f.expires_at for f in self._families.values()) - self._clock.now())
 
+    async def _pass(self) -> bool:
+        """One round of the background loop; False if anything in it failed."""
+        if self._unsaved:
+            await self._persist()
+        return await self.end_expired() == 0
+
     async def run(self) -> None:
+        """Ends expired families. Nothing here may stop the broker: a failed pass (Vault, a
+        full or read-only state disk, a bug) is logged and retried with backoff."""
         while True:
             try:
-                await self.end_expired()
-            except VaultUnavailable as exc:  # _end queues what it could not revoke; try the rest later
-                log.warning("family_expiry_failed error=%s", exc)
-            await sleep_or_wake(self._clock, self._next_expiry_in(), self._wake)
+                ok = await self._pass()
+            except Exception as exc:
+                _log_failure("family_loop_failed", exc)
+                ok = False
+            if ok:
+                self._failures, self._retry_at = 0, None
+                await sleep_or_wake(self._clock, self._next_expiry_in(), self._wake)
+                continue
+            self._failures += 1
+            now = self._clock.now()
+            delay = policy.backoff_delay(self._failures, self._rng.random(), now, None)
+            self._retry_at = now + delay
+            log.warning("family_loop_backoff failures=%d retry_in=%.1fs", self._failures, delay)
+            await self._clock.sleep(delay)  # not cut short by new families: backoff sets the pace
 
+
+def _log_failure(event: str, exc: Exception, context: str = "") -> None:
+    """One line, never a secret: the message of an OSError (errno, path) or a BrokerError (whose
+    messages never hold one); of anything else only its type and where it was raised."""
+    prefix = f"{event} {context}".rstrip()
+    if isinstance(exc, (OSError, BrokerError)):
+        log.error("%s error=%s: %s", prefix, type(exc).__name__, exc)
+        return
+    log.error("%s error=%s (a bug: please report it)", prefix, describe_bug(exc))

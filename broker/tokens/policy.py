@@ -35,9 +35,12 @@ def is_servable(now: float, token: Token | None, min_ttl: float = 0.0) -> bool:
     return token is not None and token.expires_at - now >= max(SERVE_MARGIN, min_ttl)
 
 
-def grace_until(rotated_at: float, grace: float, previous: Token) -> float:
-    """The previous token is revoked at rotation + grace, or when it expires anyway."""
-    return min(rotated_at + grace, previous.expires_at)
+def grace_until(rotated_at: float, grace: float, previous: Token, promised_until: float = 0.0) -> float:
+    """The previous token is revoked at rotation + grace, or when it expires anyway.
+
+    A fetch with ``min_ttl`` was promised the token would last until ``promised_until``; that
+    promise outlives a shorter grace window (but not the token's own expiry)."""
+    return min(max(rotated_at + grace, promised_until), previous.expires_at)
 
 
 def backoff_delay(failures: int, jitter: float, now: float, current: Token | None,
@@ -54,6 +57,17 @@ def backoff_delay(failures: int, jitter: float, now: float, current: Token | Non
     if current is not None and current.expires_at > now:
         delay = min(delay, current.expires_at - now)
     return max(MIN_RETRY_DELAY, delay)
+
+
+def revocation_delay(now: float, due_times: list[float], failures: int, jitter: float) -> float:
+    """How long the revocation queue sleeps: backoff only while something due keeps failing;
+    otherwise until the next entry is due (never later, however many failures came before)."""
+    if not due_times:
+        return 3600.0
+    next_due = min(due_times)
+    if failures and next_due <= now:
+        return backoff_delay(failures, jitter, now, None)
+    return max(0.0, next_due - now)
 
 
 def retry_cap(check_interval: float) -> float:

@@ -17,7 +17,7 @@ import random
 from broker.audit import AuditLog
 from broker.clock import Clock, sleep_or_wake
 from broker.config import ProfileConfig
-from broker.errors import AuditUnavailable, TokenInvalid, VaultError, VaultUnavailable
+from broker.errors import AuditUnavailable, BrokerError, TokenInvalid, VaultError, VaultUnavailable, describe_bug
 from broker.metrics import Metrics
 from broker.tokens import policy
 from broker.tokens.model import ProfileState, Token, TokenCache
@@ -27,6 +27,17 @@ from broker.vault.auth import Authenticator
 from broker.vault.client import VaultClient
 
 log = logging.getLogger("broker.rotator")
+
+
+class BeyondGrant(BrokerError):
+    """``min_ttl`` is more than even a fresh token would have: Vault grants this profile's
+    tokens less than its ``ttl`` (a token role or system max_ttl). Minting cannot help."""
+
+    def __init__(self, profile: ProfileConfig, min_ttl: float, granted: float) -> None:
+        self.limit = policy.max_min_ttl(granted)
+        super().__init__(f"min_ttl {int(min_ttl)}s is more than profile {profile.name} can give: Vault grants its "
+                         f"tokens {int(granted)}s (the profile asks for {int(profile.ttl)}s; a token role or system "
+                         f"max_ttl caps it), so at most {int(self.limit)}s")
 
 
 class Rotator:
@@ -57,6 +68,8 @@ class Rotator:
         self._retry_at: float | None = None
         self._next_check_at = float("inf")
         self._inflight: asyncio.Future[ProfileState] | None = None
+        # (fingerprint, time): the latest a min_ttl fetch was promised the current token lasts
+        self._promised: tuple[str, float] = ("", 0.0)
         self._mutating = asyncio.Lock()
         self._retry_cap = policy.retry_cap(profile.check_interval)
         self._wake = asyncio.Event()
@@ -105,10 +118,11 @@ class Rotator:
         self._generation = record.generation
         now = self._clock.now()
         if record.expires_at > now:
+            # profiles.json still names it, so a queue file that cannot be written now loses nothing.
             await self._revocations.schedule(PendingRevocation(
                 accessor=record.accessor, profile=self.name, generation=record.generation,
                 token_fp=record.token_fp, revoke_at=min(now + self.profile.grace, record.expires_at),
-            ))
+            ), durable=False)
 
     def _pending(self, token: Token, revoke_at: float) -> PendingRevocation:
         return PendingRevocation(accessor=token.accessor, profile=self.name, generation=token.generation,
@@ -117,12 +131,24 @@ class Rotator:
     # --- rotation ----------------------------------------------------------------
 
     async def rotate(self, reason: str) -> ProfileState:
-        """Rotate now, or join the rotation already under way. Raises VaultError on failure."""
+        """Rotate now, or join the rotation already under way. Raises VaultError on failure.
+
+        For callers outside the loop (admin, min_ttl): the loop is asleep until the old
+        rotation, check or retry time, and whatever happened here moved those."""
+        inflight = self._start(reason)
+        inflight.add_done_callback(lambda _: self.wake())  # even if this caller has gone away by then
+        return await asyncio.shield(inflight)
+
+    async def _rotate(self, reason: str) -> ProfileState:
+        """The loop's own rotations: it looks at the new times when this returns."""
+        return await asyncio.shield(self._start(reason))
+
+    def _start(self, reason: str) -> asyncio.Future[ProfileState]:
         if self._inflight is None or self._inflight.done():
             self._inflight = asyncio.ensure_future(self._rotate_once(reason))
             # Nobody may be left awaiting it (a caller gone away); the failure is already recorded.
             self._inflight.add_done_callback(lambda f: f.cancelled() or f.exception())
-        return await asyncio.shield(self._inflight)
+        return self._inflight
 
     async def _rotate_once(self, reason: str) -> ProfileState:
         async with self._mutating:
@@ -132,7 +158,8 @@ class Rotator:
                 raise
             except Exception as exc:
                 # A bug must not stop the profile: keep serving what we have and retry with backoff.
-                log.exception("rotation_internal_error profile=%s", self.name)
+                log.error("rotation_internal_error profile=%s error=%s (a bug: please report it)",
+                          self.name, describe_bug(exc))
                 self._failed(exc, "internal")
                 raise VaultUnavailable("rotate", f"internal error ({type(exc).__name__}); see the broker log") from None
 
@@ -177,18 +204,30 @@ class Rotator:
         self._failed(exc, "verify", count_metric=False)
 
     async def _swap_in(self, token: Token, reason: str) -> None:
-        # Persist first: if that fails nothing has changed, and the caller rolls the new token back.
-        await self._store.set_issued(self.name, IssuedRecord(
-            accessor=token.accessor, generation=token.generation, token_fp=token.fp, expires_at=token.expires_at,
-        ))
+        """Persist first, then publish. If a write fails (OSError) nothing has changed: the
+        caller rolls the new token back and the current one goes on being served."""
         now = self._clock.now()
         previous = self.state.current
         grace_until = None
+        retiring = None
         if previous is not None and previous.expires_at > now:
-            grace_until = policy.grace_until(now, self.profile.grace, previous)
-            await self._revocations.schedule(self._pending(previous, grace_until))
+            promised_fp, promised_until = self._promised
+            grace_until = policy.grace_until(now, self.profile.grace, previous,
+                                             promised_until if promised_fp == previous.fp else 0.0)
+            # Queued before profiles.json names the new token: a kill between the two writes then
+            # cannot lose the revocation of a token jobs hold (a restart retires the one named there).
+            retiring = self._pending(previous, grace_until)
+            await self._revocations.schedule(retiring)
         else:
             previous = None
+        try:
+            await self._store.set_issued(self.name, IssuedRecord(
+                accessor=token.accessor, generation=token.generation, token_fp=token.fp, expires_at=token.expires_at,
+            ))
+        except OSError:
+            if retiring is not None:
+                await self._revocations.unschedule(retiring)  # it stays current: it must not be revoked
+            raise
         self._retry_at = None
         self._next_check_at = now + self.profile.check_interval
         self._publish(ProfileState(
@@ -236,30 +275,57 @@ class Rotator:
         current = self.state.current
         if policy.is_servable(now, current, min_ttl):
             assert current is not None
-            return current
+            return self._promise(current, min_ttl)
+        self._within_grant(current, min_ttl)  # else every such fetch would mint and still fail
         if self._inflight is not None and not self._inflight.done():
-            state = await asyncio.shield(self._inflight)
+            await asyncio.shield(self._inflight)
         elif self._retry_at is None and policy.is_servable(now, current):
-            state = await self.rotate("min_ttl")
+            await self.rotate("min_ttl")
         else:
             raise VaultUnavailable("create_token", self.state.last_error or "no valid token yet")
-        if not policy.is_servable(self._clock.now(), state.current, min_ttl):
-            raise VaultUnavailable("create_token", "Vault granted a shorter TTL than requested")
-        assert state.current is not None
-        return state.current
+        current = self.state.current  # now, not the rotation's result: another may have followed
+        if not policy.is_servable(self._clock.now(), current, min_ttl):
+            self._within_grant(current, min_ttl)
+            raise VaultUnavailable("create_token", "no token with that much time left yet")
+        assert current is not None
+        return self._promise(current, min_ttl)
+
+    def _within_grant(self, current: Token | None, min_ttl: float) -> None:
+        """BeyondGrant if Vault's last grant for this profile could not satisfy ``min_ttl``."""
+        if current is not None and min_ttl > policy.max_min_ttl(current.ttl):
+            raise BeyondGrant(self.profile, min_ttl, current.ttl)
+
+    def _promise(self, token: Token, min_ttl: float) -> Token:
+        """Remember how long a min_ttl caller was told ``token`` lasts: its revocation after the
+        next rotation waits for that, even past the grace window."""
+        if min_ttl > 0:
+            fp, until = self._promised
+            until = max(until, self._clock.now() + min_ttl) if fp == token.fp else self._clock.now() + min_ttl
+            self._promised = (token.fp, until)
+        return token
 
     async def revoke_everything(self, reason: str) -> None:
-        """Revoke current, previous and every pending token of the profile now; mint nothing."""
+        """Revoke current, previous and every pending token of the profile now; mint nothing.
+
+        Everything is queued, due now, before the slots are emptied, and every token is tried
+        even if one fails: what Vault does not confirm stays queued and the queue's loop retries
+        it. Raises RevocationPending (never a plain retryable error) if anything is left."""
         async with self._mutating:
-            state = self.state
-            self._publish(dataclasses.replace(state, current=None, previous=None, grace_until=None))
-            for token in (state.current, state.previous):
-                if token is not None:
-                    await self._revocations.revoke(self._pending(token, self._clock.now()), reason)
-            await self._revocations.revoke_profile_now(self.name, reason)
+            try:
+                state = self.state
+                now = self._clock.now()
+                served = [self._pending(t, now) for t in (state.current, state.previous) if t is not None]
+                due = await self._revocations.queue_now(served, profile=self.name)
+                self._publish(dataclasses.replace(state, current=None, previous=None, grace_until=None))
+                await self._revocations.revoke_queued(due, reason)
+            finally:
+                self.wake()  # with nothing to serve, the loop mints at once
 
     async def revoke_all(self) -> ProfileState:
-        """Incident response: revoke everything the profile handed out, then mint anew."""
+        """Incident response: revoke everything the profile handed out, then mint anew.
+
+        If Vault did not confirm every revocation, RevocationPending is raised before minting;
+        the loop mints the replacement as soon as it can."""
         await self.revoke_everything("admin_revoke")
         return await self.rotate("admin_revoke")
 
@@ -292,15 +358,15 @@ class Rotator:
     async def _invalidated(self, token: Token) -> None:
         """Vault no longer knows the token we serve (revoked elsewhere, restored backup): stop
         serving it at once and replace it."""
+        if self.state.current is not token:
+            return  # replaced or revoked by us (admin) while the lookup was on its way: not news
         log.warning("token_invalidated profile=%s generation=%s token_fp=%s", self.name, token.generation, token.fp)
         self._record("token_invalidated", generation=token.generation, token_fp=token.fp,
                      outcome="failure", reason="current token is no longer valid at Vault")
-        state = self.state
-        if state.current is token:
-            self._publish(dataclasses.replace(state, current=None))
+        self._publish(dataclasses.replace(self.state, current=None))
         self._retry_at = None
         try:
-            await self.rotate("invalidated")
+            await self._rotate("invalidated")
         except VaultError:
             pass  # recorded by the rotation; the loop retries with backoff
 
@@ -308,17 +374,37 @@ class Rotator:
         self._wake.set()
 
     async def run(self) -> None:
+        troubles = 0
         while True:
-            now = self._clock.now()
-            current = self.state.current
-            rotate_due = policy.rotation_due_at(now, current, self._retry_at)
-            check_due = self._next_check_at if current is not None else float("inf")
-            if now >= rotate_due:
-                try:
-                    await self.rotate("scheduled" if current else "initial")
-                except VaultError:
-                    pass  # recorded in _failed; the next pass waits for retry_at
-            elif now >= check_due:
-                await self._check()
-            else:
-                await sleep_or_wake(self._clock, min(rotate_due, check_due) - now, self._wake)
+            try:
+                await self._step()
+                troubles = 0
+            except Exception as exc:  # a bug must not stop the profile, nor (through the TaskGroup) the broker
+                troubles += 1
+                log.error("rotator_internal_error profile=%s failures=%d error=%s action=retrying with backoff",
+                          self.name, troubles, describe_bug(exc))
+                self._count_failure("internal", VaultUnavailable("rotator", f"internal error ({type(exc).__name__})"))
+                now = self._clock.now()
+                delay = policy.backoff_delay(troubles, self._rng.random(), now, self.state.current, self._retry_cap)
+                await sleep_or_wake(self._clock, delay, self._wake)
+
+    async def _step(self) -> None:
+        now = self._clock.now()
+        current = self.state.current
+        rotate_due = policy.rotation_due_at(now, current, self._retry_at)
+        check_due = self._next_check_at if current is not None else float("inf")
+        state = self.state
+        grace_over = state.grace_until if state.previous is not None and state.grace_until is not None else float("inf")
+        if now >= grace_over:
+            # The revocation queue retires the token at Vault; here it only leaves the slot, so
+            # /v1/tokens and the previous-slot expiry gauge stop naming it.
+            self._publish(dataclasses.replace(state, previous=None, grace_until=None))
+        elif now >= rotate_due:
+            try:
+                await self._rotate("scheduled" if current else "initial")
+            except VaultError:
+                pass  # recorded in _failed; the next pass waits for retry_at
+        elif now >= check_due:
+            await self._check()
+        else:
+            await sleep_or_wake(self._clock, min(rotate_due, check_due, grace_over) - now, self._wake)

@@ -9,18 +9,35 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from broker.errors import BrokerError
 from broker.files import write_atomic
+
+
+class StateCorrupt(BrokerError):
+    """A state file exists but is not what the broker writes. Starting anyway would mean
+    guessing which revocations were promised, so the broker refuses to start and says which
+    file to fix or move aside (the CLI prints this one line and exits 1)."""
 
 
 def read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError:
         return None
+    try:
+        return json.loads(data)
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        raise _corrupt(path, f"it is not valid JSON ({exc})") from None
+
+
+def _corrupt(path: Path, problem: str) -> StateCorrupt:
+    return StateCorrupt(
+        f"state file {path} is unusable: {problem}; restore it from a backup, or move it aside and "
+        "start again (tokens it lists for revocation are then left to expire at their TTL)")
 
 
 @dataclass(frozen=True)
@@ -43,10 +60,37 @@ class IssuedRecord:
     expires_at: float
 
 
+_TYPES: dict[str, tuple[type, ...]] = {
+    "accessor": (str,), "profile": (str,), "generation": (int,), "token_fp": (str,),
+    "revoke_at": (int, float), "expires_at": (int, float), "family": (str, type(None)),
+}
+Record = TypeVar("Record", PendingRevocation, IssuedRecord)
+
+
+def _record(cls: type[Record], item: Any, path: Path, where: str) -> Record:
+    """One entry of a state file, checked field by field: a wrong entry is named, not guessed at."""
+    if not isinstance(item, dict):
+        raise _corrupt(path, f"{where} is not a JSON object")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(item) - names)
+    if unknown:
+        raise _corrupt(path, f"{where} has unknown keys {', '.join(unknown)}")
+    required = {f.name for f in fields(cls) if f.name != "family"}
+    missing = sorted(required - set(item))
+    if missing:
+        raise _corrupt(path, f"{where} lacks {', '.join(missing)}")
+    for key, value in item.items():
+        if isinstance(value, bool) or not isinstance(value, _TYPES[key]):  # bool is an int to Python
+            raise _corrupt(path, f"{where} has a {type(value).__name__} for {key}")
+    return cls(**item)
+
+
 class StateStore:
     """Writes go to a worker thread (two fsyncs cost milliseconds, and the event loop serves
     fetches meanwhile), one at a time per file and in call order, so the newest snapshot always
-    lands last. The caller awaits the write: nothing is published before it is durable."""
+    lands last. The caller awaits the write: nothing is published before it is durable.
+
+    Loading validates every entry and raises ``StateCorrupt`` naming the file."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -64,25 +108,41 @@ class StateStore:
             await asyncio.to_thread(write_atomic, path, data)
 
     def load_revocations(self) -> list[PendingRevocation]:
-        return [PendingRevocation(**item) for item in read_json(self._revocations) or []]
+        raw = read_json(self._revocations)
+        if raw is None:
+            return []
+        if not isinstance(raw, list):
+            raise _corrupt(self._revocations, "it is not a JSON list")
+        return [_record(PendingRevocation, item, self._revocations, f"entry {i + 1}") for i, item in enumerate(raw)]
 
     async def save_revocations(self, pending: list[PendingRevocation]) -> None:
         await self._write(self._revocations, json.dumps([asdict(p) for p in pending], indent=1).encode())
 
     def load_issued(self) -> dict[str, IssuedRecord]:
         if self._issued is None:
-            raw = read_json(self._profiles) or {}
-            self._issued = {name: IssuedRecord(**item) for name, item in raw.items()}
+            raw = read_json(self._profiles)
+            if raw is None:
+                raw = {}
+            if not isinstance(raw, dict):
+                raise _corrupt(self._profiles, "it is not a JSON object")
+            self._issued = {name: _record(IssuedRecord, item, self._profiles, f"profile {name[:64]!r}")
+                            for name, item in raw.items()}
         return dict(self._issued)
 
     async def set_issued(self, profile: str, record: IssuedRecord) -> None:
         issued = self.load_issued()
         issued[profile] = record
-        self._issued = issued
         await self._write(self._profiles, json.dumps({k: asdict(v) for k, v in issued.items()}, indent=1).encode())
+        # Only now: a failed write leaves the file, and so what a restart retires, unchanged.
+        self._issued = issued
 
     def load_families(self) -> list[dict[str, Any]]:
-        return list(read_json(self._families) or [])
+        raw = read_json(self._families)
+        if raw is None:
+            return []
+        if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+            raise _corrupt(self._families, "it is not a JSON list of objects")
+        return list(raw)
 
     async def save_families(self, families: list[dict[str, Any]]) -> None:
         await self._write(self._families, json.dumps(families, indent=1).encode())

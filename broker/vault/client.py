@@ -230,9 +230,11 @@ class VaultClient:
         started = time.perf_counter()
         outcome = "error"
         try:
-            future = loop.run_in_executor(self._executor, fn)
             # The HTTP timeout bounds each socket operation; this bounds the whole call.
-            result = await asyncio.wait_for(future, timeout=self._config.timeout * 2 + 1)
+            # asyncio.timeout, not wait_for: 3.11's wait_for drops a cancel that arrives as
+            # the call completes, and shutdown would wait on a task that never saw it.
+            async with asyncio.timeout(self._config.timeout * 2 + 1):
+                result = await loop.run_in_executor(self._executor, fn)
             outcome = "success"
             return result
         except Exception as exc:  # noqa: BLE001 - classified right here, once

@@ -1,0 +1,383 @@
+"""The rotator and the revocation queue when things go wrong: Vault refusing or unreachable
+during an admin revoke, a state dir that cannot be written, min_ttl beyond what Vault grants,
+a check racing an admin action, a bug in a background loop, corrupt state files.
+
+Vault is a real OpenBao (through a proxy we can cut), the API is real mTLS; time is a
+FakeClock wherever backoff or grace windows are involved, so nothing sleeps on a schedule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.devserver import OpenBaoDevServer, setup_token_role
+from broker.ops.health import readiness
+from broker.tokens import policy
+from broker.tokens.model import ProfileState, fingerprint
+from tests.conftest import BrokerFactory, Pki, RunningBroker, root_client, token_is_valid
+from tests.fakes import FakeClock
+from tests.faults import TcpProxy
+from tests.processes import run_process, serve_config
+
+PROFILE = {"demo": {"ttl": "1h", "grace": "10m", "rotate_after": "40m", "check_interval": "10m",
+                    "alert_threshold": 3}}
+
+
+@pytest.fixture
+async def proxy(openbao: OpenBaoDevServer) -> AsyncIterator[TcpProxy]:
+    p = await TcpProxy("127.0.0.1", openbao.port).start()
+    yield p
+    await p.stop()
+
+
+async def drive(clock: FakeClock, done: Callable[[], bool], what: str, step: float = 1.0, steps: int = 400) -> None:
+    """Move fake time on ``step`` at a time until ``done``; between steps, give Vault calls
+    (on threads, in real time) a moment to land. Backoff is driven, never slept through."""
+    for _ in range(steps):
+        for _ in range(20):
+            if done():
+                return
+            await asyncio.sleep(0.01)
+        await clock.advance(step)
+    raise AssertionError(f"{what} did not happen within {steps * step}s of fake time")
+
+
+def break_file(path: Path) -> None:
+    """A real OSError on the next write of ``path``: it becomes a non-empty directory, which
+    the atomic rename cannot replace (chmod would not stop root, which runs these tests)."""
+    path.unlink(missing_ok=True)
+    path.mkdir()
+    (path / "in-the-way").write_text("")
+
+
+def pending_fps(b: RunningBroker) -> set[str]:
+    return {e.token_fp for e in b.broker.revocations.pending}
+
+
+async def still_serving(b: RunningBroker, token: str | None = None) -> None:
+    body = await b.get_token()
+    assert token is None or body["token"] == token
+    assert not b.task.done(), "the broker stopped"
+
+
+# --- 1. admin revoke while Vault cannot confirm --------------------------------------------
+
+async def test_admin_revoke_during_an_outage_keeps_every_token_queued_and_says_so(brokers: BrokerFactory,
+                                                                                    proxy: TcpProxy) -> None:
+    clock = FakeClock()
+    b = await brokers.start(PROFILE, clock=clock, vault_address=proxy.address)
+    first = (await b.get_token())["token"]
+    status, _, _ = await b.request("POST", "/v1/tokens/demo/rotate", cert="ops")
+    assert status == 200
+    second = (await b.get_token())["token"]
+    leaked = {fingerprint(first), fingerprint(second)}
+
+    proxy.cut()
+    status, body, headers = await b.request("POST", "/v1/tokens/demo/revoke", cert="ops")
+    assert status == 502 and body["error"] == "revocation_pending", body
+    assert "queued but not confirmed" in body["message"] and "2 of 2" in body["message"]
+    assert "Retry-After" not in headers
+    assert token_is_valid(b.vault, first) and token_is_valid(b.vault, second)
+    # Both are queued, due now, and on disk: a crash from here on still revokes them.
+    on_disk = b.broker.store.load_revocations()
+    assert {e.token_fp for e in on_disk} == leaked and all(e.revoke_at <= clock.now() for e in on_disk)
+    # What a retrying client does: still not a success while Vault has not confirmed.
+    status, body, _ = await b.request("POST", "/v1/tokens/demo/revoke", cert="ops")
+    assert status == 502 and body["error"] == "revocation_pending"
+    # Nothing is served meanwhile (both slots were emptied), and the broker is still up.
+    status, body, _ = await b.request("GET", "/v1/tokens/demo")
+    assert status == 503 and body["error"] == "unavailable"
+
+    proxy.heal()
+    await drive(clock, lambda: not pending_fps(b) & leaked, "the queued revocations")
+    assert not token_is_valid(b.vault, first) and not token_is_valid(b.vault, second)
+    assert not {e.token_fp for e in b.broker.store.load_revocations()} & leaked, "done, on disk too"
+    await drive(clock, lambda: b.generation() >= 3, "a replacement token")
+    third = await b.get_token()
+    assert third["generation"] >= 3 and token_is_valid(b.vault, third["token"])
+
+
+async def test_revoke_on_shutdown_while_vault_is_down_leaves_the_tokens_queued_for_the_next_start(
+        brokers: BrokerFactory, proxy: TcpProxy) -> None:
+    b = await brokers.start(server_extra="revoke_on_shutdown = true", vault_address=proxy.address)
+    token = (await b.get_token())["token"]
+    proxy.cut()
+    await b.shutdown()
+    assert token_is_valid(b.vault, token)
+    assert fingerprint(token) in {e.token_fp for e in b.broker.store.load_revocations()}
+
+    again = await brokers.start(directory=b.dir, roles=b.roles, auth=b.auth_entries())  # Vault reachable again
+    await again.wait_for(lambda: not token_is_valid(b.vault, token), what="the revocation left over at shutdown")
+    await still_serving(again)
+    again.seen_secrets |= b.seen_secrets
+
+
+# --- 2. changes made outside the loop wake it -----------------------------------------------
+
+async def test_a_failed_admin_rotation_is_retried_at_its_retry_time(brokers: BrokerFactory, proxy: TcpProxy) -> None:
+    clock = FakeClock()
+    b = await brokers.start(PROFILE, clock=clock, vault_address=proxy.address)
+    rotator = b.broker.rotators["demo"]
+    first = (await b.get_token())["token"]
+    proxy.cut()
+    status, body, _ = await b.request("POST", "/v1/tokens/demo/rotate", cert="ops")
+    assert status == 503 and body["error"] == "unavailable"
+    assert rotator.retry_at is not None and rotator.retry_at - clock.now() <= 1.0 + 1e-6
+    await still_serving(b, first)
+    proxy.heal()
+    # The loop was asleep until the next check (10 min away); the failure must wake it.
+    await clock.advance(rotator.retry_at - clock.now())
+    await b.wait_for(lambda: b.generation() == 2, timeout=5, what="the retry at retry_at")
+
+
+# --- 3. a state write failing in the revocation loop ------------------------------------------
+
+async def test_a_failing_state_write_in_the_revocation_loop_does_not_stop_the_broker(
+        brokers: BrokerFactory, log_lines: list[str]) -> None:
+    clock = FakeClock()
+    b = await brokers.start(PROFILE, clock=clock)
+    first = (await b.get_token())["token"]
+    status, _, _ = await b.request("POST", "/v1/tokens/demo/rotate", cert="ops")
+    assert status == 200
+    second = (await b.get_token())["token"]
+    revocations = b.broker.config.state.dir / "revocations.json"
+    break_file(revocations)
+
+    await clock.advance(601)  # grace over: the loop revokes gen 1, then cannot write the queue
+    await b.wait_for(lambda: not token_is_valid(b.vault, first), what="the revocation at the end of grace")
+    await b.wait_for(lambda: b.broker.revocations.state_error is not None, what="the write failure")
+    assert "cannot write revocations.json" in b.broker.revocations.state_error
+    assert any("state_write_failed file=revocations.json" in line for line in log_lines)
+    await still_serving(b, second)
+    status, ready = await b.ops("/readyz")
+    assert status == 200 and ready["ready"] is True, "serving valid tokens: still ready"
+
+    shutil.rmtree(revocations)  # the disk recovers: the loop writes the queue again, with backoff
+    await drive(clock, lambda: b.broker.revocations.state_error is None, "the queue to be written again")
+    assert b.broker.store.load_revocations() == []
+    await still_serving(b, second)
+
+
+def test_readiness_reports_a_state_write_failure_without_turning_unready() -> None:
+    state = ProfileState("demo")
+    result = readiness(0.0, [state], True, True, None, state_error="cannot write revocations.json: No space left")
+    assert result.details["state"] == {"ok": False, "last_error": "cannot write revocations.json: No space left"}
+    assert "cannot write" not in " ".join(result.details["problems"])  # type: ignore[arg-type]
+    assert readiness(0.0, [], True, True, None).details["state"] == {"ok": True, "last_error": None}
+
+
+# --- 4. a rotation whose state write fails -----------------------------------------------------
+
+async def test_a_failed_queue_write_during_a_rotation_never_schedules_the_token_still_served(
+        brokers: BrokerFactory) -> None:
+    clock = FakeClock()
+    b = await brokers.start(PROFILE, clock=clock)
+    first = (await b.get_token())["token"]
+    state_dir = b.broker.config.state.dir
+    break_file(state_dir / "revocations.json")
+
+    status, body, _ = await b.request("POST", "/v1/tokens/demo/rotate", cert="ops")
+    assert status == 503 and body["error"] == "unavailable" and "cannot persist state" in body["message"]
+    assert b.generation() == 1
+    assert fingerprint(first) not in pending_fps(b), "the current token must not be queued for revocation"
+    issued = json.loads((state_dir / "profiles.json").read_text())
+    assert issued["demo"]["token_fp"] == fingerprint(first), "profiles.json names the token still served"
+    assert any(e["event"] == "rotation_rolled_back" for e in b.audit_events())
+    await clock.advance(601)  # past where its grace would have ended
+    assert token_is_valid(b.vault, first)
+    await still_serving(b, first)
+
+    shutil.rmtree(state_dir / "revocations.json")
+    await drive(clock, lambda: b.generation() == 2, "the rotation once the disk is back")
+    assert fingerprint(first) in pending_fps(b)
+
+
+async def test_a_failed_profiles_write_during_a_rotation_takes_back_the_scheduled_revocation(
+        brokers: BrokerFactory) -> None:
+    clock = FakeClock()
+    b = await brokers.start(PROFILE, clock=clock)
+    first = (await b.get_token())["token"]
+    state_dir = b.broker.config.state.dir
+    break_file(state_dir / "profiles.json")
+
+    status, body, _ = await b.request("POST", "/v1/tokens/demo/rotate", cert="ops")
+    assert status == 503 and "cannot persist state" in body["message"]
+    assert b.generation() == 1
+    assert fingerprint(first) not in pending_fps(b)
+    assert fingerprint(first) not in {e.token_fp for e in b.broker.store.load_revocations()}
+    assert b.broker.store.load_issued()["demo"].token_fp == fingerprint(first), "the rolled-back token is not recorded"
+    await still_serving(b, first)
+
+    shutil.rmtree(state_dir / "profiles.json")
+    await drive(clock, lambda: b.generation() == 2, "the rotation once the disk is back")
+    assert b.broker.store.load_issued()["demo"].generation == 2
+
+
+# --- 5. min_ttl -----------------------------------------------------------------------------------
+
+async def test_min_ttl_beyond_what_vault_grants_is_refused_without_minting(brokers: BrokerFactory,
+                                                                        openbao: OpenBaoDevServer) -> None:
+    role = f"short-{os.urandom(4).hex()}"
+    setup_token_role(openbao, role, [f"{role}-policy"], max_ttl="30m")  # the profile asks for 1h
+    b = await brokers.start(PROFILE, clock=FakeClock(), roles={"demo": role})
+    first = await b.get_token()
+    assert first["ttl"] <= 1800
+    mints = lambda: b.metric("broker_vault_requests_total", operation="create_token", outcome="success")  # noqa: E731
+    before = mints()
+
+    for value in (2000, 3599):
+        status, body, _ = await b.request("GET", f"/v1/tokens/demo?min_ttl={value}")
+        assert status == 400 and body["error"] == "bad_request", body
+        assert f"min_ttl {value}s is more than profile demo can give" in body["message"]
+        assert "Vault grants its tokens 1800s" in body["message"] and "at most 1799s" in body["message"]
+    assert mints() == before and b.generation() == 1, "no mint for a request no fresh token could satisfy"
+    status, body, _ = await b.request("GET", "/v1/tokens/demo?min_ttl=1700")
+    assert status == 200 and body["token"] == first["token"]
+    await still_serving(b, first["token"])
+
+
+async def test_a_min_ttl_promise_outlives_a_shorter_grace(brokers: BrokerFactory) -> None:
+    clock = FakeClock()
+    b = await brokers.start(PROFILE, clock=clock)
+    first = b.broker.cache.get("demo").current
+    await clock.advance(35 * 60)  # rotation is due at 36..44 min
+    status, body, _ = await b.request("GET", "/v1/tokens/demo?min_ttl=1200")
+    assert status == 200 and body["generation"] == 1
+    promised = clock.now() + 1200  # 55 min: later than any rotation (<= 44 min) + grace (10 min)
+
+    await clock.advance(first.rotate_at - clock.now())
+    await drive(clock, lambda: b.generation() == 2, "the scheduled rotation")
+    entry = next(e for e in b.broker.revocations.pending if e.token_fp == first.fp)
+    assert entry.revoke_at >= promised - 1e-6
+    assert entry.revoke_at <= first.expires_at
+    assert b.broker.cache.get("demo").grace_until == pytest.approx(entry.revoke_at)
+    await drive(clock, lambda: clock.now() >= promised + 1, "time to pass the promise", step=30.0)
+    await b.wait_for(lambda: not token_is_valid(b.vault, body["token"]), what="the revocation after the promise")
+
+
+# --- 6. races, late revocations, bugs in the loops ------------------------------------------
+
+async def test_a_check_racing_an_admin_revoke_is_not_a_token_invalidated(brokers: BrokerFactory,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    b = await brokers.start(PROFILE, clock=clock)
+    vault = b.broker.vault
+    real_lookup = vault.lookup_accessor
+    on_the_way, release = asyncio.Event(), asyncio.Event()
+
+    async def held_lookup(accessor: str) -> Any:
+        # The real lookup, against the real OpenBao, held back until the admin revoke is done.
+        on_the_way.set()
+        await release.wait()
+        return await real_lookup(accessor)
+
+    monkeypatch.setattr(vault, "lookup_accessor", held_lookup)
+    await clock.advance(600)  # the check is due
+    await asyncio.wait_for(on_the_way.wait(), 10)
+    status, body, _ = await b.request("POST", "/v1/tokens/demo/revoke", cert="ops")
+    assert status == 200 and body["generation"] == 2
+    release.set()
+    invalid = lambda: b.metric("broker_vault_requests_total", operation="lookup_accessor",  # noqa: E731
+                               outcome="TokenInvalid") or 0
+    await b.wait_for(lambda: invalid() >= 1, what="the late lookup of the revoked token")
+    await asyncio.sleep(0)
+    assert not [e for e in b.audit_events() if e["event"] == "token_invalidated"]
+    assert b.generation() == 2, "no second rotation"
+    await still_serving(b)
+
+
+def test_the_revocation_queue_sleeps_until_the_next_due_entry_whatever_failed_before() -> None:
+    now = 1_800_000_000.0
+    # Nine failures before, but nothing due now: wake when the next entry is due, not after backoff.
+    assert policy.revocation_delay(now, [now + 10.0], failures=9, jitter=0.99) == pytest.approx(10.0)
+    # Something due keeps failing: backoff.
+    assert policy.revocation_delay(now, [now - 1.0, now + 10.0], failures=9, jitter=0.5) == pytest.approx(
+        policy.backoff_delay(9, 0.5, now, None))
+    assert policy.revocation_delay(now, [now + 10.0, now + 5.0], failures=0, jitter=0.5) == pytest.approx(5.0)
+    assert policy.revocation_delay(now, [], failures=3, jitter=0.5) == 3600.0
+
+
+async def test_an_unexpected_error_in_the_rotator_loop_is_logged_counted_and_retried(
+        brokers: BrokerFactory, monkeypatch: pytest.MonkeyPatch, log_lines: list[str]) -> None:
+    clock = FakeClock()
+    b = await brokers.start(PROFILE, clock=clock)
+    first = (await b.get_token())["token"]
+    vault = b.broker.vault
+    real_lookup = vault.lookup_accessor
+    calls: list[str] = []
+
+    async def buggy_once(accessor: str) -> Any:
+        calls.append(accessor)
+        if len(calls) == 1:
+            raise RuntimeError("a bug, not a Vault error")
+        return await real_lookup(accessor)
+
+    monkeypatch.setattr(vault, "lookup_accessor", buggy_once)
+    state = lambda: b.broker.cache.get("demo")  # noqa: E731
+    await clock.advance(600)  # the check is due
+    await b.wait_for(lambda: state().consecutive_failures == 1, what="the bug counted as a failure")
+    assert "internal error (RuntimeError)" in (state().last_error or "")
+    logged = [line for line in log_lines if "rotator_internal_error profile=demo" in line]
+    assert logged and "RuntimeError at test_rotator_faults.py:" in logged[0] and "a bug, not" not in logged[0]
+    await still_serving(b, first)
+    await drive(clock, lambda: len(calls) >= 2 and state().consecutive_failures == 0, "the retried check")
+    await still_serving(b, first)
+
+
+# --- 7. state files nobody should have to debug with a traceback --------------------------------
+
+@pytest.mark.parametrize(("name", "content", "problem"), [
+    ("revocations.json", "[{not json", "it is not valid JSON"),
+    ("revocations.json", '[{"accessor": "a", "profile": "demo", "generation": "1", "token_fp": "f", "revoke_at": 1}]',
+     "entry 1 has a str for generation"),
+    ("profiles.json", '{"demo": {"accessor": "a", "generation": 1, "token_fp": "f"}}', "profile 'demo' lacks expires_at"),
+])
+async def test_a_corrupt_state_file_stops_the_start_with_one_clear_line(tmp_path: Path, pki: Pki,
+                                                                        openbao: OpenBaoDevServer, name: str,
+                                                                        content: str, problem: str) -> None:
+    serve = serve_config(tmp_path, pki, openbao, f"corrupt-{os.urandom(3).hex()}",
+                         {"ttl": "30s", "grace": "5s", "rotate_after": "20s"})
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / name).write_text(content)
+    ran = await run_process([sys.executable, "-m", "broker", "serve", "--config", str(serve.config)],
+                            env={**os.environ, "BROKER_LOG_LEVEL": "ERROR"})
+    assert ran.code == 1, ran.both
+    assert "Traceback" not in ran.both
+    last = ran.err.strip().splitlines()[-1]
+    assert last.startswith(f"broker serve: state file {state / name} is unusable: {problem}"), last
+    assert "move it aside" in last
+
+
+async def test_an_entry_vault_always_rejects_is_dropped_and_does_not_block_the_rest(
+        brokers: BrokerFactory, openbao: OpenBaoDevServer, tmp_path: Path) -> None:
+    created = root_client(openbao).auth.token.create(policies=["default"], ttl="1h")["auth"]
+    token, accessor = created["client_token"], created["accessor"]
+    directory = tmp_path / "broker-dropping"
+    (directory / "state").mkdir(parents=True, mode=0o700)
+    overdue = time.time() - 60
+    (directory / "state" / "revocations.json").write_text(json.dumps([
+        # Vault answers 400 "missing accessor" to this one, every time.
+        {"accessor": "", "profile": "demo", "generation": 1, "token_fp": "0" * 16, "revoke_at": overdue},
+        {"accessor": accessor, "profile": "demo", "generation": 2, "token_fp": fingerprint(token), "revoke_at": overdue},
+    ]))
+    b = await brokers.start(directory=directory)
+    b.seen_secrets.add(token)
+    await b.wait_for(lambda: not token_is_valid(openbao, token), what="the entry behind the rejected one")
+    await b.wait_for(lambda: b.broker.store.load_revocations() == [], what="the queue to empty")
+    dropped = [e for e in b.audit_events() if e["event"] == "token_revoked" and e.get("outcome") == "failure"]
+    assert len(dropped) == 1 and dropped[0]["token_fp"] == "0" * 16
+    assert "dropped from the queue: Vault rejected the revocation" in dropped[0]["reason"]
+    revoked = [e for e in b.audit_events() if e["event"] == "token_revoked" and e["token_fp"] == fingerprint(token)]
+    assert revoked and revoked[0].get("outcome") != "failure"
+    await still_serving(b)
