@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import hvac
 import pytest
 
 from broker.devserver import OpenBaoDevServer
@@ -382,3 +383,44 @@ async def test_a_failing_state_write_in_the_expiry_loop_does_not_stop_the_broker
     await b.wait_for(lambda: manager.retry_at is None, timeout=10, what="the retried write to succeed")
     assert json.loads(families_file.read_text()) == [] and _mode(families_file) == 0o600
     await _assert_still_serving(b)
+
+
+async def test_a_generation_the_state_dir_cannot_record_is_revoked_not_served(brokers: BrokerFactory) -> None:
+    """families.json cannot be written (full or read-only disk): neither a new family nor a
+    refresh hands out a token the broker could not retire after a restart. The minted token is
+    revoked at once, the job gets a clear 503, and the refresh token it holds stays valid."""
+    b = await brokers.start({"deploy": PER_JOB})
+    first = await _create(b)
+    live_before = _live_deploy_tokens(b)  # OpenBao is shared with other tests: compare, don't count
+    assert live_before.count(first["family"]) == 1
+    families_file = b.broker.config.state.dir / "families.json"
+    families_file.unlink()
+    families_file.mkdir()  # every write of it fails (EISDIR) from now on
+    try:
+        for method, path, body in (("POST", "/v1/tokens/deploy", None),
+                                   ("POST", "/v1/refresh", {"refresh_token": first["refresh_token"]})):
+            answer = await raw(b, method, path, json=body)
+            assert_error(answer, 503, "unavailable", "the broker cannot write its state directory")
+        events = [e["event"] for e in b.audit_events()]
+        assert events.count("family_created") == 1 and "family_refreshed" not in events
+        assert sum(1 for e in b.audit_events() if e["event"] == "token_revoked" and e["reason"] == "rolled_back") == 2
+        assert sorted(_live_deploy_tokens(b)) == sorted(live_before), "both minted tokens are revoked at Vault"
+    finally:
+        families_file.rmdir()
+    status, second = await _refresh(b, first["refresh_token"])
+    assert status == 200 and second["generation"] == 2, second
+    await _assert_still_serving(b)
+
+
+def _live_deploy_tokens(b: RunningBroker) -> list[str]:
+    """The family of every valid token the broker minted for the per-job profile, per Vault."""
+    root = hvac.Client(url=b.vault.address, token="root")
+    families = []
+    for accessor in root.auth.token.list_accessors()["data"]["keys"]:
+        try:
+            meta = root.auth.token.lookup_accessor(accessor)["data"].get("meta") or {}
+        except hvac.exceptions.InvalidRequest:
+            continue  # revoked while we listed
+        if meta.get("profile") == "deploy":
+            families.append(meta["family"])
+    return families

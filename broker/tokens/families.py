@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from broker.audit import AuditLog
 from broker.clock import Clock, sleep_or_wake
 from broker.config import ProfileConfig
-from broker.errors import AuditUnavailable, BrokerError, FamilyNotFound, RefreshRejected, VaultError, describe_bug
+from broker.errors import AuditUnavailable, BrokerError, FamilyNotFound, RefreshRejected, VaultError, VaultUnavailable, describe_bug
 from broker.identity import Caller, matches
 from broker.metrics import Metrics
 from broker.tokens import policy
@@ -221,6 +221,16 @@ class FamilyManager:
             raise
         return token
 
+    async def _not_recorded(self, token: Token, profile: str, family: str, exc: OSError) -> VaultUnavailable:
+        """The state dir could not take the new generation: a token the broker could not retire
+        after a restart is never handed out. Revoked (or queued) now; the job may retry."""
+        log.error("state_write_failed file=families.json family=%s error=%s action=new token revoked, not served",
+                  family, exc.strerror or exc)
+        await self._revoke_now(LiveToken(token.accessor, token.generation, token.fp, token.expires_at),
+                               profile, family, "rolled_back")
+        return VaultUnavailable("family", f"the broker cannot write its state directory ({exc.strerror or exc}); "
+                                          "nothing was issued, try again")
+
     async def _revoke_now(self, live: LiveToken, profile: str, family: str, reason: str) -> None:
         entry = PendingRevocation(accessor=live.accessor, profile=profile, generation=live.generation,
                                   token_fp=live.token_fp, revoke_at=self._clock.now(), family=family)
@@ -241,7 +251,11 @@ class FamilyManager:
             current=LiveToken(token.accessor, 1, token.fp, token.expires_at), current_hash=refresh_hash(refresh_token),
         )
         self._families[family_id] = family
-        await self._persist()
+        try:
+            await self._persist()
+        except OSError as exc:
+            self._families.pop(family_id, None)
+            raise await self._not_recorded(token, profile.name, family_id, exc) from None
         self._wake.set()
         issued = Issued(family, token, refresh_token)
         self._last_issued[family_id] = issued
@@ -288,10 +302,14 @@ class FamilyManager:
         refresh_token = new_refresh_token(family.id)
         now = self._clock.now()
         old = family.current
-        await self._revocations.schedule(PendingRevocation(
+        retiring = PendingRevocation(
             accessor=old.accessor, profile=profile.name, generation=old.generation, token_fp=old.token_fp,
             revoke_at=min(now + profile.grace, old.expires_at), family=family.id,
-        ))
+        )
+        try:
+            await self._revocations.schedule(retiring)
+        except OSError as exc:
+            raise await self._not_recorded(token, profile.name, family.id, exc) from None
         older = (family.previous_hash,) if family.previous_hash is not None else ()
         updated = dataclasses.replace(
             family, generation=generation, current=LiveToken(token.accessor, generation, token.fp, token.expires_at),
@@ -299,7 +317,12 @@ class FamilyManager:
             spent_hashes=family.spent_hashes + older,
         )
         self._families[family.id] = updated
-        await self._persist()
+        try:
+            await self._persist()
+        except OSError as exc:
+            self._families[family.id] = family  # the presented refresh token stays the valid one
+            await self._revocations.unschedule(retiring)
+            raise await self._not_recorded(token, profile.name, family.id, exc) from None
         issued = Issued(updated, token, refresh_token)
         self._last_issued[family.id] = issued
         self._metrics.count_request(profile.name, "refreshed")
