@@ -28,6 +28,7 @@ from broker.clock import Clock
 from broker.config import Config, load_config
 from broker.devserver import OpenBaoDevServer, setup_approle, setup_token_role
 from broker.service import Broker, build
+from tests.faults import TcpProxy
 
 
 # --- logs, kept for the leak scan ---------------------------------------------------------
@@ -75,6 +76,14 @@ def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBaoDevServ
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+async def proxy(openbao: OpenBaoDevServer) -> AsyncIterator[TcpProxy]:
+    """A TCP proxy in front of the shared OpenBao, to slow, hold or cut the broker's calls."""
+    p = await TcpProxy("127.0.0.1", openbao.port).start()
+    yield p
+    await p.stop()
 
 
 @pytest.fixture

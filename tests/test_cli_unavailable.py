@@ -10,24 +10,16 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from broker.client import MAX_RETRY_AFTER, Answer, BrokerClient, ClientConfig, ClientError
-from broker.devserver import OpenBaoDevServer
 from tests.conftest import BrokerFactory, Pki, RunningBroker, assert_still_serving
 from tests.faults import TcpProxy
 from tests.test_cli import assert_one_line_error, broker_cli, job_env
 
 UNAVAILABLE = "no valid token for profile demo"
-
-
-@pytest.fixture
-async def proxy(openbao: OpenBaoDevServer) -> AsyncIterator[TcpProxy]:
-    p = await TcpProxy("127.0.0.1", openbao.port).start()
-    yield p
-    await p.stop()
 
 
 async def _without_token(brokers: BrokerFactory, proxy: TcpProxy) -> RunningBroker:

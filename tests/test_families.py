@@ -9,13 +9,11 @@ import hashlib
 import json
 import stat
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import hvac
 import pytest
 
-from broker.devserver import OpenBaoDevServer
 from tests.conftest import BrokerFactory, RunningBroker, assert_error, assert_still_serving, raw, token_is_valid
 from tests.fakes import FakeClock
 from tests.faults import TcpProxy
@@ -28,13 +26,6 @@ SLOW = {**PER_JOB, "ttl": "1h", "grace": "10m", "rotate_after": "40m"}
 FAMILY_KEYS = {"profile", "token", "expires_at", "refresh_token", "refresh_expires_at", "family", "generation"}
 INVALID = "unknown refresh token, or its family has ended"
 REUSED = "this refresh token was already used, so the whole token family has been revoked"
-
-
-@pytest.fixture
-async def proxy(openbao: OpenBaoDevServer) -> AsyncIterator[TcpProxy]:
-    p = await TcpProxy("127.0.0.1", openbao.port).start()
-    yield p
-    await p.stop()
 
 
 async def _create(b: RunningBroker, cert: str = "job") -> dict[str, Any]:

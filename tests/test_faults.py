@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import stat
-from collections.abc import AsyncIterator
 
 import pytest
 
-from broker.devserver import OpenBaoDevServer, broker_policy
+from broker.devserver import broker_policy
 from tests.conftest import BrokerFactory, token_is_valid
 from tests.faults import TcpProxy
-
-
-@pytest.fixture
-async def proxy(openbao: OpenBaoDevServer) -> AsyncIterator[TcpProxy]:
-    p = await TcpProxy("127.0.0.1", openbao.port).start()
-    yield p
-    await p.stop()
 
 
 async def test_vault_unreachable_serves_cached_token_reports_and_recovers(brokers: BrokerFactory,

@@ -6,24 +6,14 @@ rotator wakes and reads back every delay it asked for.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 
-from broker.devserver import OpenBaoDevServer
 from tests.conftest import BrokerFactory
 from tests.fakes import FakeClock
 from tests.faults import TcpProxy
 
 PROFILE = {"demo": {"ttl": "1h", "grace": "10m", "rotate_after": "40m", "check_interval": "10m",
                     "alert_threshold": 3}}
-
-
-@pytest.fixture
-async def proxy(openbao: OpenBaoDevServer) -> AsyncIterator[TcpProxy]:
-    p = await TcpProxy("127.0.0.1", openbao.port).start()
-    yield p
-    await p.stop()
 
 
 async def test_rotation_is_scheduled_by_the_clock_with_jitter(brokers: BrokerFactory) -> None:

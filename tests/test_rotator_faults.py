@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +31,6 @@ from tests.processes import run_process, serve_config
 
 PROFILE = {"demo": {"ttl": "1h", "grace": "10m", "rotate_after": "40m", "check_interval": "10m",
                     "alert_threshold": 3}}
-
-
-@pytest.fixture
-async def proxy(openbao: OpenBaoDevServer) -> AsyncIterator[TcpProxy]:
-    p = await TcpProxy("127.0.0.1", openbao.port).start()
-    yield p
-    await p.stop()
 
 
 async def drive(clock: FakeClock, done: Callable[[], bool], what: str, step: float = 1.0, steps: int = 400) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import hvac.exceptions as hx
@@ -168,13 +168,6 @@ async def test_a_bad_token_variable_is_refused_by_name_before_any_vault_call(
 
 
 # --- renewal: kept through an outage, replaced near the max TTL ------------------------------
-
-
-@pytest.fixture
-async def proxy(openbao: OpenBaoDevServer) -> AsyncIterator[TcpProxy]:
-    p = await TcpProxy("127.0.0.1", openbao.port).start()
-    yield p
-    await p.stop()
 
 
 async def _advance_until(b: RunningBroker, clock: FakeClock, predicate: Callable[[], bool], what: str,
