@@ -99,6 +99,22 @@ def root_client(server: OpenBaoDevServer) -> hvac.Client:
     return hvac.Client(url=server.address, token="root")
 
 
+def record_answer(seen_secrets: set[str], error_bodies: list[str], status: int, text: str) -> None:
+    """A non-200 body joins the leak scan; a token in a 200 body (JSON or bare) joins the
+    secrets the scan looks for."""
+    if status != 200:
+        error_bodies.append(text)
+        return
+    try:
+        body = json.loads(text)
+    except ValueError:
+        if text and "\n" not in text and " " not in text:
+            seen_secrets.add(text)
+        return
+    if isinstance(body, dict) and isinstance(body.get("token"), str):
+        seen_secrets.add(body["token"])
+
+
 def token_is_valid(server: OpenBaoDevServer, token: str) -> bool:
     client = hvac.Client(url=server.address, token=token)
     try:
@@ -227,19 +243,8 @@ class RunningBroker:
             self.seen_secrets.add(login.token)
 
     def record_answer(self, status: int, text: str) -> None:
-        """An answer that came some other way than ``request``: a non-200 body joins the leak
-        scan, and a token in a 200 body (JSON or bare) joins the secrets it looks for."""
-        if status != 200:
-            self.error_bodies.append(text)
-            return
-        try:
-            body = json.loads(text)
-        except ValueError:
-            if text and "\n" not in text and " " not in text:
-                self.seen_secrets.add(text)
-            return
-        if isinstance(body, dict) and isinstance(body.get("token"), str):
-            self.seen_secrets.add(body["token"])
+        """An answer that came some other way than ``request``."""
+        record_answer(self.seen_secrets, self.error_bodies, status, text)
 
     async def request(self, method: str, path: str, cert: str = "job", **kwargs: Any) -> tuple[int, Any, Any]:
         """One mTLS request with the named client cert; returns (status, parsed body, headers)."""

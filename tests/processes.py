@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 
 from broker.devserver import OpenBaoDevServer, setup_approle, setup_token_role
-from tests.conftest import Pki, write_config
+from tests.conftest import Pki, record_answer, write_config
 
 
 @dataclass(frozen=True)
@@ -153,16 +153,7 @@ class ServeProcess:
         raise AssertionError("broker serve never became ready")
 
     def record_answer(self, status: int, text: str) -> None:
-        """A non-200 body joins the leak scan; a token in a 200 body joins the secrets it looks for."""
-        if status != 200:
-            self.error_bodies.append(text)
-            return
-        try:
-            body = json.loads(text)
-        except ValueError:
-            return
-        if isinstance(body, dict) and isinstance(body.get("token"), str):
-            self.seen_secrets.add(body["token"])
+        record_answer(self.seen_secrets, self.error_bodies, status, text)
 
     async def request(self, path: str, cert: str = "job", method: str = "GET") -> tuple[int, Any]:
         connector = aiohttp.TCPConnector(ssl=self.pki.client_context(cert), force_close=True)
