@@ -266,6 +266,9 @@ def _release(args: argparse.Namespace) -> int:
     body = _client(args.retries).release(str(kept["family"]))
     args.refresh_file.unlink(missing_ok=True)
     print(json.dumps(body))
+    if body.get("revoked") is False:
+        print(f"broker: the family is ended, but Vault has not yet confirmed revoking "
+              f"{body.get('pending_revocations')} of its tokens; the broker keeps retrying", file=sys.stderr)
     return EXIT_OK
 
 

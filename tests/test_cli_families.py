@@ -48,7 +48,8 @@ async def test_get_refresh_release_through_a_refresh_file(b: RunningBroker, tmp_
 
     run = await broker_cli("release", "--refresh-file", str(refresh_file), env=job_env(b))
     assert run.code == 0, run
-    assert json.loads(run.out) == {"family": first["family"], "profile": "deploy", "revoked": True}
+    assert json.loads(run.out) == {"family": first["family"], "profile": "deploy", "revoked": True,
+                                    "pending_revocations": 0}
     assert not refresh_file.exists()
     assert not token_is_valid(b.vault, second) and not token_is_valid(b.vault, first["token"])
 

@@ -185,7 +185,8 @@ async def test_release_revokes_the_family_only_for_its_own_certificate(brokers: 
     assert token_is_valid(b.vault, second["token"])
     await _assert_still_serving(b)
     status, body, _ = await b.request("DELETE", f"/v1/families/{first['family']}")
-    assert status == 200 and body == {"family": first["family"], "profile": "deploy", "revoked": True}
+    assert status == 200 and body == {"family": first["family"], "profile": "deploy", "revoked": True,
+                                     "pending_revocations": 0}
     assert not token_is_valid(b.vault, first["token"]) and not token_is_valid(b.vault, second["token"])
     assert _events(b, "family_revoked")[0]["reason"] == "released"
     await _refused(b, second["refresh_token"], "refresh_token_invalid", INVALID)
@@ -282,7 +283,9 @@ async def test_a_family_ended_while_vault_is_down_has_every_token_revoked_once_v
     proxy.cut()
     if how == "release":
         status, body, _ = await b.request("DELETE", f"/v1/families/{first['family']}")
-        assert status == 200 and body["revoked"] is True
+        assert status == 200 and body["revoked"] is False and body["pending_revocations"] == 2, body
+        [ended] = [e for e in b.audit_events() if e["event"] == "family_revoked"]
+        assert ended["outcome"] == "failure" and ended["pending_revocations"] == 2, ended
     else:
         await _refused(b, second["refresh_token"], "refresh_token_reused", REUSED, cert="job-other")
     pending = [e for e in queue.pending if e.family == first["family"]]

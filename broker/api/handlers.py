@@ -316,10 +316,13 @@ async def release_family(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
     caller = caller_of(request)
     try:
-        family = await _families(deps).release(request.match_info["family"], caller)
+        family, unconfirmed = await _families(deps).release(request.match_info["family"], caller)
     except FamilyNotFound as exc:
         raise ApiError(404, str(exc)) from None
-    return web.json_response({"family": family.id, "profile": family.profile, "revoked": True})
+    # 200 either way: the family is over and nothing the job does can make Vault answer sooner;
+    # "revoked" says whether Vault has confirmed it yet.
+    return web.json_response({"family": family.id, "profile": family.profile, "revoked": unconfirmed == 0,
+                              "pending_revocations": unconfirmed})
 
 
 def add_routes(app: web.Application) -> None:

@@ -34,7 +34,7 @@ from broker.identity import Caller, matches
 from broker.metrics import Metrics
 from broker.tokens import policy
 from broker.tokens.model import Token
-from broker.tokens.revocations import RevocationQueue
+from broker.tokens.revocations import RevocationPending, RevocationQueue
 from broker.tokens.store import PendingRevocation, StateStore
 from broker.vault.auth import Authenticator
 from broker.vault.client import VaultClient
@@ -343,8 +343,10 @@ class FamilyManager:
                      same_certificate=hmac.compare_digest(caller.fingerprint, family.owner_fp))
         await self._end(family, "reuse_detected")
 
-    async def release(self, family_id: str, caller: Caller) -> Family:
-        """The job is done: revoke the family's tokens now. Only its own certificate may."""
+    async def release(self, family_id: str, caller: Caller) -> tuple[Family, int]:
+        """The job is done: revoke the family's tokens now. Only its own certificate may.
+        Returns the family and how many of its tokens Vault has not confirmed revoked yet
+        (queued, due now, retried by the revocation loop)."""
         not_found = FamilyNotFound(f"no live token family {family_id[:40]!r} for this client certificate")
         lock = self._lock(family_id)
         if lock is None:
@@ -353,10 +355,9 @@ class FamilyManager:
             family = self._families.get(family_id)
             if family is None or not hmac.compare_digest(family.owner_fp, caller.fingerprint):
                 raise not_found
-            await self._end(family, "released")
-            return family
+            return family, await self._end(family, "released")
 
-    async def _end(self, family: Family, reason: str) -> None:
+    async def _end(self, family: Family, reason: str) -> int:
         """Revoke every Vault token of the family (current and those in grace) and forget it.
 
         Ending means "revoke now": first every token of the family is in the revocation queue,
@@ -377,13 +378,18 @@ class FamilyManager:
             # The family is over in memory and its tokens are queued; only the file is behind.
             log.error("family_state_unsaved family=%s error=%s action=retrying", family.id, exc.strerror or exc)
             self._wake.set()
+        unconfirmed = 0
         try:
             await self._revocations.revoke_queued(due, reason)
-        except VaultError as exc:
+        except RevocationPending as exc:
+            unconfirmed = exc.unconfirmed
             log.warning("family_revoke_incomplete family=%s error=%s action=queued for retry", family.id, exc)
         log.info("family_revoked profile=%s family=%s reason=%s", family.profile, family.id, reason)
+        incomplete = {"outcome": "failure", "pending_revocations": unconfirmed} if unconfirmed else {}
         self._record("family_revoked", profile=family.profile, identity=family.owner_identity,
-                     generation=family.generation, token_fp=family.current.token_fp, reason=reason, family=family.id)
+                     generation=family.generation, token_fp=family.current.token_fp, reason=reason, family=family.id,
+                     **incomplete)
+        return unconfirmed
 
     async def _end_each(self, family_ids: list[str], reason: str) -> int:
         """End each family still tracked; one that fails (logged) does not hold up the rest.
