@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from broker.devserver import OpenBaoDevServer, setup_token_role
+from broker.devserver import OpenBaoDevServer, broker_policy, setup_approle, setup_token_role
 from broker.ops.health import readiness
 from broker.tokens import policy
 from broker.tokens.model import ProfileState, fingerprint
@@ -374,3 +374,40 @@ async def test_an_entry_vault_always_rejects_is_dropped_and_does_not_block_the_r
     revoked = [e for e in b.audit_events() if e["event"] == "token_revoked" and e["token_fp"] == fingerprint(token)]
     assert revoked and revoked[0].get("outcome") != "failure"
     await still_serving(b)
+
+
+# --- DESIGN §6.2: a new token that fails verification, while a current one is served --------
+
+async def test_a_rotation_that_fails_verification_keeps_serving_the_current_token(brokers: BrokerFactory) -> None:
+    """The new token is revoked and never served; `current` stays, same generation; once the
+    broker may look tokens up again, the next rotation goes through."""
+    suffix = os.urandom(4).hex()
+    role, approle = f"verify-{suffix}", f"broker-verify-{suffix}"
+    setup_token_role(brokers.openbao, role, [f"{role}-policy"])
+    b = await brokers.start({"demo": {"alert_threshold": 1}}, roles={"demo": role},
+                            auth=_approle_auth(brokers, [role], approle))
+    first = await b.get_token()
+    no_lookup = broker_policy([role]).replace('path "auth/token/lookup" { capabilities = ["update"] }', "")
+    assert no_lookup != broker_policy([role])
+    brokers.openbao.bao("policy", "write", f"{approle}-policy", "-", stdin=no_lookup)
+
+    status, body, _ = await b.request("POST", "/v1/tokens/demo/rotate", cert="ops")
+    assert status == 503 and body["error"] == "unavailable", body
+    rolled = [e for e in b.audit_events() if e["event"] == "rotation_rolled_back"]
+    assert len(rolled) == 1 and rolled[0]["generation"] == 2 and rolled[0]["outcome"] == "failure"
+    revoked = [e for e in b.audit_events() if e["event"] == "token_revoked" and e["reason"] == "rolled_back"]
+    assert [e["token_fp"] for e in revoked] == [rolled[0]["token_fp"]], "the unverified token is revoked"
+    assert b.generation() == 1
+    await still_serving(b, first["token"])
+    assert token_is_valid(b.vault, first["token"])
+
+    brokers.openbao.bao("policy", "write", f"{approle}-policy", "-", stdin=broker_policy([role]))
+    status, body, _ = await b.request("POST", "/v1/tokens/demo/rotate", cert="ops")
+    assert status == 200 and body["generation"] == 2, body
+    assert (await b.get_token())["token"] != first["token"]
+
+
+def _approle_auth(brokers: BrokerFactory, roles: list[str], approle: str) -> list[dict[str, str]]:
+    directory = brokers.tmp_path / f"{approle}-secrets"
+    files = setup_approle(brokers.openbao, roles, directory, role_name=approle)
+    return [{"method": "approle", "role_id_file": str(files.role_id_file), "secret_id_file": str(files.secret_id_file)}]
