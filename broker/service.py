@@ -123,6 +123,7 @@ class Broker:
             audit_ok=lambda: self.audit.healthy, audit_required=cfg.audit.on_failure == "refuse",
             vault_status=lambda: (self.auth.authenticated, self.auth.last_error),
             state_error=lambda: self.revocations.state_error,
+            per_job_profiles=tuple(name for name, p in cfg.profiles.items() if p.mode == "per-job"),
         )), access_log=None, handle_signals=False, shutdown_timeout=2.0)
         api_sock = bind(cfg.server.host, cfg.server.port)
         ops_sock = bind(cfg.ops.host, cfg.ops.port)

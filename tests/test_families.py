@@ -418,3 +418,30 @@ def _live_deploy_tokens(b: RunningBroker) -> list[str]:
         if meta.get("profile") == "deploy":
             families.append(meta["family"])
     return families
+
+
+async def test_readyz_counts_a_per_job_profile_ready_only_while_the_broker_can_log_in(
+        brokers: BrokerFactory, proxy: TcpProxy) -> None:
+    """A per-job profile holds no token between jobs: it is ready while the broker holds a
+    Vault login to mint with. A broker with only per-job profiles is not ready before that."""
+    clock = FakeClock()
+    proxy.cut()
+    b = await brokers.start({"deploy": SLOW}, clock=clock, vault_address=proxy.address, wait_ready=False)
+    await b.wait_for(lambda: b.broker.auth.last_error is not None, what="the first login to fail")
+    status, ready = await b.ops("/readyz")
+    assert status == 503, ready
+    assert ready["profiles"]["deploy"]["mode"] == "per-job" and not ready["profiles"]["deploy"]["ready"]
+    assert ready["problems"] and ready["problems"][0].startswith("profile deploy: no Vault login to mint with")
+    answer = await raw(b, "POST", "/v1/tokens/deploy")
+    assert_error(answer, 503, "unavailable")
+    proxy.heal()
+    for _ in range(200):
+        if (await b.ops("/readyz"))[0] == 200:
+            break
+        await clock.advance(1)
+        await asyncio.sleep(0.02)  # the login's Vault call runs on a thread
+    else:
+        raise AssertionError("not ready 200 s (fake) after Vault came back")
+    status, ready = await b.ops("/readyz")
+    assert ready["profiles"]["deploy"] == {"ready": True, "mode": "per-job", "reasons": []}
+    await _create(b)

@@ -33,8 +33,16 @@ def profile_report(now: float, state: ProfileState) -> dict[str, object]:
     }
 
 
+def per_job_report(vault_authenticated: bool, vault_error: str | None) -> dict[str, object]:
+    """A per-job profile holds no token between jobs; it can serve while the broker holds a
+    Vault login to mint with."""
+    reasons = [] if vault_authenticated else [f"no Vault login to mint with: {vault_error or 'not logged in yet'}"]
+    return {"ready": not reasons, "mode": "per-job", "reasons": reasons}
+
+
 def readiness(now: float, states: Iterable[ProfileState], audit_ok: bool, vault_authenticated: bool,
-              vault_error: str | None, audit_required: bool = True, state_error: str | None = None) -> Readiness:
+              vault_error: str | None, audit_required: bool = True, state_error: str | None = None,
+              per_job: Iterable[str] = ()) -> Readiness:
     """``audit_required`` false ([audit] on_failure = "continue"): a failing audit log is
     reported but does not make the broker unready, since it keeps serving.
 
@@ -45,6 +53,7 @@ def readiness(now: float, states: Iterable[ProfileState], audit_ok: bool, vault_
     stays broken makes rotations fail (profiles.json cannot be written either), which does turn
     the profiles unhealthy after their alert_threshold."""
     profiles = {s.name: profile_report(now, s) for s in states}
+    profiles.update({name: per_job_report(vault_authenticated, vault_error) for name in per_job})
     problems = [f"profile {name}: {'; '.join(r['reasons'])}"  # type: ignore[arg-type]
                 for name, r in profiles.items() if not r["ready"]]
     if not audit_ok and audit_required:

@@ -23,6 +23,7 @@ class OpsDeps:
     audit_required: bool
     vault_status: Callable[[], tuple[bool, str | None]]
     state_error: Callable[[], str | None] = lambda: None
+    per_job_profiles: tuple[str, ...] = ()
 
 
 OPS = web.AppKey("ops", OpsDeps)
@@ -36,7 +37,8 @@ async def readyz(request: web.Request) -> web.Response:
     deps = request.app[OPS]
     authenticated, vault_error = deps.vault_status()
     result = readiness(deps.clock.now(), deps.cache.all(), deps.audit_ok(), authenticated, vault_error,
-                       deps.audit_required, state_error=deps.state_error())
+                       deps.audit_required, state_error=deps.state_error(),
+                       per_job=deps.per_job_profiles)
     return web.json_response(result.details, status=200 if result.ready else 503)
 
 
