@@ -24,6 +24,7 @@ from broker.devserver import OpenBaoDevServer, broker_policy, setup_approle, set
 from broker.ops.health import readiness
 from broker.tokens import policy
 from broker.tokens.model import ProfileState, fingerprint
+from broker.tokens.store import StateStore
 from tests.conftest import BrokerFactory, Pki, RunningBroker, root_client, token_is_valid
 from tests.fakes import FakeClock
 from tests.faults import TcpProxy
@@ -84,6 +85,7 @@ async def test_admin_revoke_during_an_outage_keeps_every_token_queued_and_says_s
     # Both are queued, due now, and on disk: a crash from here on still revokes them.
     on_disk = b.broker.store.load_revocations()
     assert {e.token_fp for e in on_disk} == leaked and all(e.revoke_at <= clock.now() for e in on_disk)
+    assert {e.reason for e in on_disk} == {"admin_revoke"}
     # What a retrying client does: still not a success while Vault has not confirmed.
     status, body, _ = await b.request("POST", "/v1/tokens/demo/revoke", cert="ops")
     assert status == 502 and body["error"] == "revocation_pending"
@@ -95,6 +97,9 @@ async def test_admin_revoke_during_an_outage_keeps_every_token_queued_and_says_s
     await drive(clock, lambda: not pending_fps(b) & leaked, "the queued revocations")
     assert not token_is_valid(b.vault, first) and not token_is_valid(b.vault, second)
     assert not {e.token_fp for e in b.broker.store.load_revocations()} & leaked, "done, on disk too"
+    # The queue's own retry is audited as what it is, not as the end of a grace window.
+    done = {e["token_fp"]: e["reason"] for e in b.audit_events() if e["event"] == "token_revoked"}
+    assert {done[fp] for fp in leaked} == {"admin_revoke"}, done
     await drive(clock, lambda: b.generation() >= 3, "a replacement token")
     third = await b.get_token()
     assert third["generation"] >= 3 and token_is_valid(b.vault, third["token"])
@@ -411,3 +416,12 @@ def _approle_auth(brokers: BrokerFactory, roles: list[str], approle: str) -> lis
     directory = brokers.tmp_path / f"{approle}-secrets"
     files = setup_approle(brokers.openbao, roles, directory, role_name=approle)
     return [{"method": "approle", "role_id_file": str(files.role_id_file), "secret_id_file": str(files.secret_id_file)}]
+
+
+def test_a_revocation_queue_written_before_reasons_were_kept_still_loads(tmp_path: Path) -> None:
+    """revocations.json from an older broker has no "reason": its entries end a grace window."""
+    entry = {"accessor": "acc", "profile": "demo", "generation": 3, "token_fp": "ab" * 8, "revoke_at": 1.5,
+             "family": None}
+    (tmp_path / "revocations.json").write_text(json.dumps([entry]))
+    [loaded] = StateStore(tmp_path).load_revocations()
+    assert loaded.reason == "grace_ended" and loaded.generation == 3

@@ -368,7 +368,7 @@ class FamilyManager:
         current = PendingRevocation(accessor=family.current.accessor, profile=family.profile,
                                     generation=family.current.generation, token_fp=family.current.token_fp,
                                     revoke_at=self._clock.now(), family=family.id)
-        due = await self._revocations.queue_now([current], family=family.id)
+        due = await self._revocations.queue_now([current], reason=reason, family=family.id)
         self._families.pop(family.id, None)
         self._last_issued.pop(family.id, None)
         self._locks.pop(family.id, None)  # a holder keeps its reference; later callers find no family

@@ -173,21 +173,23 @@ class RevocationQueue:
         try:
             await self.revoke(entry, reason)
         except VaultError:
-            await self._change(self._with([entry]), durable=False)
+            await self._change(self._with([dataclasses.replace(entry, reason=reason)]), durable=False)
             self._wake.set()
 
-    async def queue_now(self, entries: Sequence[PendingRevocation] = (), *, profile: str | None = None,
+    async def queue_now(self, entries: Sequence[PendingRevocation] = (), *, reason: str, profile: str | None = None,
                         family: str | None = None) -> list[PendingRevocation]:
         """Incident response, step one: ``entries`` and everything pending for ``profile`` (or
-        ``family``) become due now, written to disk if the disk allows. From here on none of them
-        can be forgotten, whatever Vault does next. Returns them all, for ``revoke_queued``."""
+        ``family``) become due now, for ``reason``, written to disk if the disk allows. From here
+        on none of them can be forgotten, whatever Vault does next. Returns them all, for
+        ``revoke_queued``."""
         now = self._clock.now()
         due: list[PendingRevocation] = []
 
         def change(pending: list[PendingRevocation]) -> list[PendingRevocation]:
-            concerned = [dataclasses.replace(e, revoke_at=min(e.revoke_at, now)) for e in pending
+            concerned = [e for e in pending
                          if (profile is not None and e.profile == profile) or (family is not None and e.family == family)]
-            due.extend(self._with(entries)(concerned))
+            due.extend(dataclasses.replace(e, revoke_at=min(e.revoke_at, now), reason=reason)
+                       for e in self._with(entries)(concerned))
             return self._with(due)(pending)
 
         await self._change(change, durable=False)
@@ -214,7 +216,7 @@ class RevocationQueue:
         now = self._clock.now()
         for entry in [e for e in self._pending if e.revoke_at <= now]:
             try:
-                await self.revoke(entry, "grace_ended")
+                await self.revoke(entry, entry.reason)
             except VaultError as exc:
                 if _keeps_the_entry(exc):
                     self._failures += 1

@@ -315,7 +315,7 @@ class Rotator:
                 state = self.state
                 now = self._clock.now()
                 served = [self._pending(t, now) for t in (state.current, state.previous) if t is not None]
-                due = await self._revocations.queue_now(served, profile=self.name)
+                due = await self._revocations.queue_now(served, reason=reason, profile=self.name)
                 self._publish(dataclasses.replace(state, current=None, previous=None, grace_until=None))
                 await self._revocations.revoke_queued(due, reason)
             finally:

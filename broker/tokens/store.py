@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,6 +48,7 @@ class PendingRevocation:
     token_fp: str
     revoke_at: float
     family: str | None = None  # set for a per-job family's tokens
+    reason: str = "grace_ended"  # why it is revoked, for the audit line when the queue does it
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class IssuedRecord:
 _TYPES: dict[str, tuple[type, ...]] = {
     "accessor": (str,), "profile": (str,), "generation": (int,), "token_fp": (str,),
     "revoke_at": (int, float), "expires_at": (int, float), "family": (str, type(None)),
+    "reason": (str,),
 }
 Record = TypeVar("Record", PendingRevocation, IssuedRecord)
 
@@ -75,7 +77,7 @@ def _record(cls: type[Record], item: Any, path: Path, where: str) -> Record:
     unknown = sorted(set(item) - names)
     if unknown:
         raise _corrupt(path, f"{where} has unknown keys {', '.join(unknown)}")
-    required = {f.name for f in fields(cls) if f.name != "family"}
+    required = {f.name for f in fields(cls) if f.default is MISSING}  # files older than a field lack it
     missing = sorted(required - set(item))
     if missing:
         raise _corrupt(path, f"{where} lacks {', '.join(missing)}")
