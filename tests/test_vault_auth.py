@@ -318,7 +318,8 @@ async def test_an_unexpected_error_in_the_login_loop_is_logged_and_retried(
         assert auth.last_error == "unexpected RuntimeError in the Vault login loop"
         assert not auth.authenticated
         errors = [line for line in log_lines[seen:] if "vault_auth_internal_error" in line]
-        assert len(errors) == 1 and "error=RuntimeError" in errors[0] and errors[0].startswith("ERROR")
+        assert len(errors) == 1 and errors[0].startswith("ERROR")
+        assert "error=RuntimeError at test_vault_auth.py:" in errors[0], "type and where, never the message"
         assert clock.sleeps, "it backs off before trying again"
         deadline = asyncio.get_running_loop().time() + 10
         while not auth.authenticated:  # the backoff on the fake clock, then a real login

@@ -29,7 +29,15 @@ from dataclasses import dataclass, field
 from broker.audit import AuditLog
 from broker.clock import Clock, sleep_or_wake
 from broker.config import ProfileConfig
-from broker.errors import AuditUnavailable, BrokerError, FamilyNotFound, RefreshRejected, VaultError, VaultUnavailable, describe_bug
+from broker.errors import (
+    AuditUnavailable,
+    BrokerError,
+    FamilyNotFound,
+    RefreshRejected,
+    VaultError,
+    VaultUnavailable,
+    describe_bug,
+)
 from broker.identity import Caller, matches
 from broker.metrics import Metrics
 from broker.tokens import policy

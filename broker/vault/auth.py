@@ -31,6 +31,7 @@ from broker.errors import (
     VaultError,
     VaultPermissionDenied,
     VaultUnavailable,
+    describe_bug,
 )
 from broker.metrics import Metrics
 from broker.tokens import policy
@@ -465,8 +466,8 @@ class Authenticator:
 
     async def _guarded(self, step: Callable[[], Awaitable[None]]) -> None:
         """Run one step. An error that nothing classified (a bug, an odd library failure) must
-        not end the service: it is logged by type only (its text may quote a credential) and
-        the loop goes on after a backoff."""
+        not end the service: it is logged by type and code location only (its text may quote a
+        credential) and the loop goes on after a backoff."""
         try:
             await step()
         except Exception as exc:  # noqa: BLE001 - the catch-all of the login loop, on purpose
@@ -474,7 +475,7 @@ class Authenticator:
             delay = policy.backoff_delay(self._step_failures, self._rng.random(), self._clock.now(), None)
             self.last_error = f"unexpected {type(exc).__name__} in the Vault login loop"
             log.error("vault_auth_internal_error step=%s error=%s retry_in=%.1fs",
-                      getattr(step, "__name__", "step"), type(exc).__name__, delay)
+                      getattr(step, "__name__", "step"), describe_bug(exc), delay)
             await self._clock.sleep(delay)
         else:
             self._step_failures = 0
