@@ -77,6 +77,14 @@ class LiveToken:
     token_fp: str
     expires_at: float
 
+    @classmethod
+    def of(cls, token: Token) -> LiveToken:
+        return cls(token.accessor, token.generation, token.fp, token.expires_at)
+
+    def revocation(self, profile: str, family: str, revoke_at: float) -> PendingRevocation:
+        return PendingRevocation(accessor=self.accessor, profile=profile, generation=self.generation,
+                                 token_fp=self.token_fp, revoke_at=revoke_at, family=family)
+
 
 @dataclass(frozen=True)
 class Family:
@@ -224,8 +232,7 @@ class FamilyManager:
         try:
             await self._auth.call(lambda: self._vault.lookup_token(minted.token))
         except VaultError:
-            await self._revoke_now(LiveToken(token.accessor, generation, token.fp, token.expires_at),
-                                   profile.name, family, "rolled_back")
+            await self._revoke_now(LiveToken.of(token), profile.name, family, "rolled_back")
             raise
         return token
 
@@ -234,15 +241,12 @@ class FamilyManager:
         after a restart is never handed out. Revoked (or queued) now; the job may retry."""
         log.error("state_write_failed file=families.json family=%s error=%s action=new token revoked, not served",
                   family, exc.strerror or exc)
-        await self._revoke_now(LiveToken(token.accessor, token.generation, token.fp, token.expires_at),
-                               profile, family, "rolled_back")
+        await self._revoke_now(LiveToken.of(token), profile, family, "rolled_back")
         return VaultUnavailable("family", f"the broker cannot write its state directory ({exc.strerror or exc}); "
                                           "nothing was issued, try again")
 
     async def _revoke_now(self, live: LiveToken, profile: str, family: str, reason: str) -> None:
-        entry = PendingRevocation(accessor=live.accessor, profile=profile, generation=live.generation,
-                                  token_fp=live.token_fp, revoke_at=self._clock.now(), family=family)
-        await self._revocations.revoke_or_queue(entry, reason)
+        await self._revocations.revoke_or_queue(live.revocation(profile, family, self._clock.now()), reason)
 
     # --- the three operations --------------------------------------------------------------
 
@@ -256,7 +260,7 @@ class FamilyManager:
         family = Family(
             id=family_id, profile=profile.name, owner_fp=caller.fingerprint, owner_identity=identity,
             created_at=now, expires_at=expires_at, generation=1,
-            current=LiveToken(token.accessor, 1, token.fp, token.expires_at), current_hash=refresh_hash(refresh_token),
+            current=LiveToken.of(token), current_hash=refresh_hash(refresh_token),
         )
         self._families[family_id] = family
         try:
@@ -310,17 +314,14 @@ class FamilyManager:
         refresh_token = new_refresh_token(family.id)
         now = self._clock.now()
         old = family.current
-        retiring = PendingRevocation(
-            accessor=old.accessor, profile=profile.name, generation=old.generation, token_fp=old.token_fp,
-            revoke_at=min(now + profile.grace, old.expires_at), family=family.id,
-        )
+        retiring = old.revocation(profile.name, family.id, min(now + profile.grace, old.expires_at))
         try:
             await self._revocations.schedule(retiring)
         except OSError as exc:
             raise await self._not_recorded(token, profile.name, family.id, exc) from None
         older = (family.previous_hash,) if family.previous_hash is not None else ()
         updated = dataclasses.replace(
-            family, generation=generation, current=LiveToken(token.accessor, generation, token.fp, token.expires_at),
+            family, generation=generation, current=LiveToken.of(token),
             current_hash=refresh_hash(refresh_token), previous_hash=family.current_hash, previous_spent_at=now,
             spent_hashes=family.spent_hashes + older,
         )
@@ -373,9 +374,7 @@ class FamilyManager:
         family forgotten, so a crash in between leaves no token that nothing tracks. Whatever
         Vault does not confirm stays queued, due now, and the queue's loop retries it.
         """
-        current = PendingRevocation(accessor=family.current.accessor, profile=family.profile,
-                                    generation=family.current.generation, token_fp=family.current.token_fp,
-                                    revoke_at=self._clock.now(), family=family.id)
+        current = family.current.revocation(family.profile, family.id, self._clock.now())
         due = await self._revocations.queue_now([current], reason=reason, family=family.id)
         self._families.pop(family.id, None)
         self._last_issued.pop(family.id, None)
