@@ -611,11 +611,11 @@ class _Reader:
         if isinstance(value, dict):
             self.report(key, f"expected an array of tables; write [[{path}]] with two brackets")
             return
-        if value is not _ABSENT and not isinstance(value, list):
-            self.report(key, f"expected an array of tables, got {_type_name(value)}")
-            return
-        if value is _ABSENT or not value:
+        if value is _ABSENT or value == []:
             self.report(key, f"at least one [[{path}]] entry is required")
+            return
+        if not isinstance(value, list):
+            self.report(key, f"expected an array of tables, got {_type_name(value)}")
             return
         for index, item in enumerate(value):
             if isinstance(item, dict):

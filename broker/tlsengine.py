@@ -110,7 +110,10 @@ def openssl_context(cfg: ServerConfig, certificates: KnownCertificates) -> SSL.C
         ctx.load_verify_locations(str(cfg.client_ca))
     except (SSL.Error, OSError) as exc:
         raise CertError(f"cannot load client_ca {cfg.client_ca}: {_reason(exc)}") from None
-    ctx.get_cert_store().set_flags(crypto.X509StoreFlags.X509_STRICT)
+    store = ctx.get_cert_store()
+    if store is None:  # cannot happen after load_verify_locations; refuse rather than verify loosely
+        raise CertError(f"cannot use client_ca {cfg.client_ca}: OpenSSL has no certificate store")
+    store.set_flags(crypto.X509StoreFlags.X509_STRICT)
     ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, certificates.verify)
     return ctx
 

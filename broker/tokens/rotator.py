@@ -345,8 +345,10 @@ class Rotator:
             return
         now = self._clock.now()
         self._next_check_at = now + self.profile.check_interval
-        healed = {} if self._retry_at is not None else {"consecutive_failures": 0, "unhealthy": False, "last_error": None}
-        self._publish(dataclasses.replace(self.state, last_checked_at=now, **healed))
+        state = dataclasses.replace(self.state, last_checked_at=now)
+        if self._retry_at is None:  # no rotation is being retried: this check is what heals the profile
+            state = dataclasses.replace(state, consecutive_failures=0, unhealthy=False, last_error=None)
+        self._publish(state)
 
     def _check_failed(self, exc: VaultError) -> None:
         state = self.state

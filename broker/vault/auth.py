@@ -272,7 +272,7 @@ class Authenticator:
         self._step_failures = 0
         self._ready = asyncio.Event()
         self._changed = asyncio.Event()
-        self._relogin: asyncio.Task[None] | None = None
+        self._relogin: asyncio.Future[Login] | None = None
         self._login_failed_at: float | None = None
         self._preferred_failures = 0
         self._rotation_failures = 0
@@ -305,7 +305,7 @@ class Authenticator:
 
     def _record(self, event: str, **fields: str | None) -> None:
         try:
-            self._audit.event(event, **fields)
+            self._audit.event(event, **fields)  # type: ignore[arg-type]
         except AuditUnavailable:
             pass  # readiness already reports the audit failure; a login must not fail over it
 
