@@ -54,8 +54,8 @@ def _parser() -> argparse.ArgumentParser:
 
     dev = sub.add_parser("dev", help="OpenBao dev server + dev PKI + sample profile + broker, all local")
     dev.add_argument("--dir", type=Path, default=Path(".broker-dev"), help="where certs and config go")
-    dev.add_argument("--port", type=int, default=8443, help="mTLS API port (default 8443)")
-    dev.add_argument("--ops-port", type=int, default=9090, help="ops port (default 9090)")
+    dev.add_argument("--port", type=int, default=8443, help="mTLS API port (default 8443; 0: any free port)")
+    dev.add_argument("--ops-port", type=int, default=9090, help="ops port (default 9090; 0: any free port)")
 
     check = sub.add_parser("check", help="validate a config file")
     check.add_argument("--config", required=True, type=Path)

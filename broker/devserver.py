@@ -344,7 +344,7 @@ def run_dev(directory: Path, port: int, ops_port: int) -> int:
     import asyncio
 
     from broker.config import load_config
-    from broker.service import build, install_uvloop, serve_until_signalled
+    from broker.service import Broker, build, install_uvloop, serve_until_signalled
 
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -355,8 +355,8 @@ def run_dev(directory: Path, port: int, ops_port: int) -> int:
         broker = build(config)
         install_uvloop()
 
-        def started(b: object) -> None:
-            print(instructions(directory, port, ops_port, server.address), flush=True)
+        def started(b: Broker) -> None:  # the ports it bound: --port 0 picks a free one
+            print(instructions(directory, b.api_port, b.ops_port, server.address), flush=True)
 
         asyncio.run(serve_until_signalled(broker, on_started=started))
     finally:

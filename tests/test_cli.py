@@ -435,23 +435,28 @@ async def _ops_get(port: int, path: str) -> tuple[int, Any]:
 
 
 async def test_readme_quick_start_with_broker_dev(tmp_path: Path) -> None:
-    directory, port, ops_port = tmp_path / "dev", free_port(), free_port()
+    # Port 0 for both listeners: broker dev binds free ports itself and prints the ones it got.
+    directory = tmp_path / "dev"
     stderr_path = tmp_path / "dev.stderr"
     with stderr_path.open("wb") as stderr:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "broker", "dev", "--dir", str(directory), "--port", str(port),
-            "--ops-port", str(ops_port), env=clean_env(), cwd=tmp_path, start_new_session=True,
+            sys.executable, "-m", "broker", "dev", "--dir", str(directory), "--port", "0",
+            "--ops-port", "0", env=clean_env(), cwd=tmp_path, start_new_session=True,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=stderr,
         )
     try:
         assert proc.stdout is not None
-        lines = await _read_until(proc.stdout, "export BROKER_URL=", timeout=40)
+        lines = await _read_until(proc.stdout, "/metrics", timeout=40)
         first = next(line for line in lines if line.strip())
-        match = re.search(r"OpenBao dev server at (http://127\.0\.0\.1:\d+)", first)
+        match = re.search(r"OpenBao dev server at (http://127\.0\.0\.1:\d+), broker at https://localhost:(\d+)\.",
+                          first)
         assert match, first
-        vault_address = match[1]
-        env = _exports(lines[-1])
+        vault_address, port = match[1], int(match[2])
+        assert port != 0
+        env = _exports(next(line for line in lines if "export BROKER_URL=" in line))
         assert env["BROKER_URL"] == f"https://localhost:{port}"
+        ops_port = int(re.findall(r"http://127\.0\.0\.1:(\d+)/readyz", "\n".join(lines))[0])
+        assert ops_port not in (0, port)
 
         run = await broker_cli("get", "demo", env=clean_env(**env))
         assert run.code == 0, (run, stderr_path.read_text())
