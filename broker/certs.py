@@ -65,7 +65,7 @@ def init_ca_and_server(
     sans = _server_sans(hosts)
     paths = {name: dir / name for name in ("ca.pem", "ca.key", "server.pem", "server.key")}
     if not force:
-        _refuse_existing(paths.values())
+        _refuse_existing(paths.values(), _NEW_CA)
 
     now = _now()
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -335,10 +335,15 @@ def _utc(value: dt.datetime) -> dt.datetime:
     return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
 
 
-def _refuse_existing(paths: Iterable[Path]) -> None:
+def _refuse_existing(paths: Iterable[Path], consequence: str = "") -> None:
     for path in paths:
         if path.exists():
-            raise CertError(f"{path} already exists; pass --force to overwrite it")
+            raise CertError(f"{path} already exists; pass --force to overwrite it{consequence}")
+
+
+# Said when init would overwrite: --force there replaces the CA, which is easy to miss.
+_NEW_CA = ("; that makes a new CA, and every certificate the old one signed stops being trusted "
+           "(to renew only the server certificate, see certs/README.md)")
 
 
 def _ensure_dir(dir: Path) -> None:

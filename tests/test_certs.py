@@ -126,8 +126,9 @@ def test_init_refuses_overwrite(pki: Path) -> None:
 
 def test_init_refuses_when_any_one_file_exists(tmp_path: Path) -> None:
     (tmp_path / "server.pem").write_text("mine")
-    with pytest.raises(CertError, match=r"server\.pem already exists; pass --force"):
+    with pytest.raises(CertError, match=r"server\.pem already exists; pass --force") as err:
         init_ca_and_server(tmp_path)
+    assert "new CA" in str(err.value) and "stops being trusted" in str(err.value), "--force replaces the CA: say so"
     assert (tmp_path / "server.pem").read_text() == "mine"
     assert not (tmp_path / "ca.key").exists()
 
