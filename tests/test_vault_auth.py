@@ -182,7 +182,7 @@ async def _advance_until(b: RunningBroker, clock: FakeClock, predicate: Callable
 
 
 async def test_a_renewal_during_an_outage_keeps_the_login_until_it_expires(
-        brokers: BrokerFactory, proxy: TcpProxy) -> None:
+        brokers: BrokerFactory, proxy: TcpProxy, caplog: pytest.LogCaptureFixture) -> None:
     clock = FakeClock()
     b = await brokers.start({"demo": {"ttl": "3h", "grace": "10m", "rotate_after": "2h", "check_interval": "3h"}},
                             vault_address=proxy.address, clock=clock, login_ttl="1h")
@@ -225,6 +225,13 @@ async def test_a_renewal_during_an_outage_keeps_the_login_until_it_expires(
     await _advance_until(b, clock, lambda: not auth.authenticated, "the login to expire", step=5)
     assert clock.now() >= renewed_until - 1
     assert b.metric("broker_vault_authenticated") == 0
+
+    def login_failures() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("vault_login_failed")]
+
+    await _advance_until(b, clock, lambda: bool(login_failures()), "a failed login", step=5)
+    assert f"vault={proxy.address} error=" in login_failures()[0], "the log says which Vault cannot be reached"
+    assert "cannot connect to Vault" in login_failures()[0]
 
     proxy.heal()
     await _advance_until(b, clock, lambda: auth.authenticated, "a new login", step=1)

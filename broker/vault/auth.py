@@ -319,7 +319,8 @@ class Authenticator:
                 return method, await method.login(self._vault)
             except VaultError as exc:
                 last = exc
-                log.warning("vault_login_failed method=%s error=%s", method.name, exc)
+                # The address in the log only (not audit or API answers): "cannot connect" says which Vault.
+                log.warning("vault_login_failed method=%s vault=%s error=%s", method.name, self._vault.address, exc)
                 self._record("vault_login_failed", outcome="failure", reason=str(exc), method=method.name)
         assert last is not None
         raise last
