@@ -30,6 +30,16 @@ TLS13_CIPHERSUITES = (
     "TLS_AES_128_CCM_8_SHA256",
 )
 ROTATION_JITTER = 0.1  # rotation fires within ± this fraction of rotate_after (DESIGN §6.2)
+# Upper bounds of numeric settings: far beyond any real use, well inside what the code handles.
+MAX_DURATION = 366 * 86400.0
+MAX_DURATION_TEXT = "366 days"
+MAX_BODY_BYTES = 16 * 1024 * 1024
+MAX_RATE_LIMIT = 100_000.0
+MAX_RATE_LIMIT_BURST = 1_000_000.0
+MAX_ALERT_THRESHOLD = 1000
+# Vault takes a TTL in whole seconds and reads 0 as "the role's default", so no token is minted
+# with less than this left; a per-job family must last at least this long.
+MIN_TOKEN_TTL = 1.0
 
 
 @dataclass(frozen=True)
@@ -212,6 +222,24 @@ _TOKEN_VALUE_PROBLEM = (
     "this value looks like a Vault token; literal tokens are not allowed in the config; "
     "use token_file or token_env"
 )
+_TOKEN_IN_FILE_KEY_PROBLEM = (
+    "this value looks like a Vault token, not a file name; put the credential in a file of its own "
+    "(mode 0600) and give that file's path here"
+)
+_TOKEN_IN_ENV_KEY_PROBLEM = (
+    "this value looks like a Vault token, not a variable name; put the token in an environment variable "
+    "and give the variable's name here"
+)
+
+
+def _token_value_problem(key: object) -> str:
+    """What to do instead of the token-shaped value found at ``key``: the advice depends on
+    what the key expects (a path, a variable name, or anything else)."""
+    if isinstance(key, str) and key.endswith("_file"):
+        return _TOKEN_IN_FILE_KEY_PROBLEM
+    if isinstance(key, str) and key.endswith("_env"):
+        return _TOKEN_IN_ENV_KEY_PROBLEM
+    return _TOKEN_VALUE_PROBLEM
 
 
 def looks_like_token(value: str) -> bool:
@@ -248,6 +276,10 @@ def credential_problem(data: bytes | str, what: str) -> str | None:
         return f"contains a space or tab; put only the {what} in it"
     if any(byte < 0x20 or byte == 0x7F for byte in value):
         return f"contains a control character; put only the {what} in it"
+    # No token, secret_id or role_id has quotes; quotes come from copying a JSON or shell value,
+    # and Vault would be sent them as part of the credential.
+    if value[:1] in (b'"', b"'") or value[-1:] in (b'"', b"'"):
+        return f"is wrapped in quotes; put only the {what} in it, without quotes"
     return None
 
 
@@ -264,21 +296,39 @@ def _shown(value: object) -> str:
     return repr(value)
 
 
-def _scan_for_literal_secrets(value: object, where: str, problems: list[str]) -> None:
-    """Report literal credentials anywhere in the document, whatever table they sit in."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            path = f"{where}.{key}" if where else key
-            # A table named "token" is a section or a profile, not a credential.
-            if key in _LITERAL_SECRET_KEYS and not isinstance(item, dict):
-                problems.append(f"{path}: {_LITERAL_SECRET_KEYS[key]}")
-            else:
-                _scan_for_literal_secrets(item, path, problems)
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            _scan_for_literal_secrets(item, f"{where}[{index}]", problems)
-    elif isinstance(value, str) and looks_like_token(value):
-        problems.append(f"{where}: {_TOKEN_VALUE_PROBLEM}")
+def _scan_for_literal_secrets(document: dict[str, Any], problems: list[str]) -> None:
+    """Report literal credentials anywhere in the document, whatever table they sit in.
+
+    A loop over an explicit stack, not recursion: dotted keys can nest tables thousands deep.
+    """
+    # (value, dotted path, the key it sits under); popped in document order
+    stack: list[tuple[object, str, object]] = [(document, "", None)]
+    while stack:
+        value, where, key = stack.pop()
+        children: list[tuple[object, str, object]] = []
+        if isinstance(value, dict):
+            for name, item in value.items():
+                path = f"{where}.{name}" if where else name
+                # A table named "token" is a section or a profile, not a credential.
+                if name in _LITERAL_SECRET_KEYS and not isinstance(item, dict):
+                    children.append((_LITERAL_SECRET_KEYS[name], path, _REPORT))
+                else:
+                    children.append((item, path, name))
+        elif isinstance(value, list):
+            children = [(item, f"{where}[{index}]", key) for index, item in enumerate(value)]
+        elif key is _REPORT:
+            problems.append(f"{_clipped(where)}: {value}")
+        elif isinstance(value, str) and looks_like_token(value):
+            problems.append(f"{_clipped(where)}: {_token_value_problem(key)}")
+        stack.extend(reversed(children))
+
+
+_REPORT = object()  # marks a stack entry that is a finished problem sentence
+
+
+def _clipped(where: str, limit: int = 200) -> str:
+    """A key path short enough for one line; its end names the key."""
+    return where if len(where) <= limit else "…" + where[-limit:]
 
 
 # --- files ------------------------------------------------------------------------------------
@@ -466,23 +516,34 @@ class _Reader:
             return default
         return value
 
-    def number(self, key: str, default: float, minimum: float) -> float:
+    def number(self, key: str, default: float, minimum: float, maximum: float) -> float:
+        """A finite number within [minimum, maximum]; ``default`` after a problem."""
         value = self._raw(key, required=False)
         if value is _ABSENT:
             return default
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.report(key, f"expected a number, {_got(value)}")
             return default
-        if value < minimum:
-            self.report(key, f"{value} is too small; the minimum is {minimum:g}")
+        # TOML has nan and inf; every comparison with nan is false, so a range check alone
+        # would let it through (and a nan rate limit turns limiting off without a word).
+        if not math.isfinite(value):
+            self.report(key, f"{value} is not a finite number; use a number from {minimum:.15g} to {maximum:.15g}")
+            return default
+        if not minimum <= value <= maximum:
+            self.report(key, f"{value:g} is out of range; use a number from {minimum:.15g} to {maximum:.15g}")
+            return default
         return float(value)
 
-    def integer(self, key: str, default: int, minimum: int) -> int:
+    def integer(self, key: str, default: int, minimum: int, maximum: int) -> int:
         value = self._typed(key, int, required=False)
         if value is _ABSENT:
             return default
         if value < minimum:
             self.report(key, f"{value} is too small; the minimum is {minimum}")
+            return default
+        if value > maximum:
+            self.report(key, f"{value} is too large; the maximum is {maximum}")
+            return default
         return value
 
     def duration(
@@ -505,7 +566,12 @@ class _Reader:
         except ValueError as exc:
             self.report(key, str(exc))
             return 0.0
-        if positive and seconds <= 0:
+        if seconds > MAX_DURATION:
+            # Far-future times overflow date formatting (a 500 at the first token), and no
+            # lifetime this long is meant. The value is shown as written: it may be 1e300.
+            self.report(key, f"{_shown(value)} is more than {MAX_DURATION_TEXT}, the longest duration "
+                             "the broker accepts")
+        elif positive and seconds <= 0:
             self.report(key, "must be more than 0")
         elif maximum is not None and seconds > maximum:
             self.report(
@@ -694,7 +760,7 @@ def _server(r: _Reader) -> ServerConfig:
                 f"tls13_ciphersuites[{index}]",
                 f"{_shown(suite)} is not a TLS 1.3 cipher suite; use {_or_list(TLS13_CIPHERSUITES)}",
             )
-    max_body_bytes = r.integer("max_body_bytes", 64 * 1024, minimum=1)
+    max_body_bytes = r.integer("max_body_bytes", 64 * 1024, minimum=1, maximum=MAX_BODY_BYTES)
     handshake_timeout = r.duration("handshake_timeout", "10s", positive=True)
     revoke_on_shutdown = r.boolean("revoke_on_shutdown", False)
     tls_engine = r.choice("tls_engine", TLS_ENGINES, default="openssl")
@@ -707,8 +773,9 @@ def _server(r: _Reader) -> ServerConfig:
             'tls_engine = "stdlib" cannot enforce a TLS 1.3 cipher suite list (Python\'s ssl has no way to '
             'restrict them); use tls_engine = "openssl", or remove tls13_ciphersuites',
         )
-    rate_limit = r.number("rate_limit", 50.0, minimum=0.0)
-    rate_limit_burst = r.number("rate_limit_burst", max(1.0, rate_limit * 2), minimum=1.0)
+    rate_limit = r.number("rate_limit", 50.0, minimum=0.0, maximum=MAX_RATE_LIMIT)
+    rate_limit_burst = r.number("rate_limit_burst", max(1.0, rate_limit * 2), minimum=1.0,
+                                maximum=MAX_RATE_LIMIT_BURST)
     r.finish()
     return ServerConfig(
         host=host,
@@ -749,7 +816,7 @@ def _vault_address(r: _Reader) -> str:
     address = r.string("address")
     if "address" in r.failed:
         return address
-    problem = f"{_shown(address)} is not an http:// or https:// URL; use e.g. https://vault.example:8200"
+    problem = f"{_shown(_without_secrets(address))} is not an http:// or https:// URL; use e.g. https://vault.example:8200"
     try:
         parts = urlsplit(address)
         parts.port  # noqa: B018 - raises ValueError for a bad port
@@ -758,7 +825,26 @@ def _vault_address(r: _Reader) -> str:
         return address
     if parts.scheme not in ("http", "https") or not parts.hostname:
         r.report("address", problem)
+    elif "@" in parts.netloc:
+        # The part before "@" is user:password; say where it is, never what it says.
+        r.report("address", "has a user name or password before '@' (not shown: it may be a secret); "
+                            "give the broker's Vault credential in [[vault.auth]], and only scheme://host:port here")
+    elif parts.query or parts.fragment or "?" in address or "#" in address:
+        r.report("address", "has a query ('?…') or fragment ('#…') (not shown: it may hold a token); "
+                            "use only scheme://host:port, with a path if Vault sits under one")
     return address.rstrip("/")
+
+
+def _without_secrets(address: str) -> str:
+    """``address`` for a message: user info, query and fragment cut out (they may be secrets)."""
+    address = address.partition("?")[0].partition("#")[0]
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        scheme, rest = "", address
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        netloc = "…@" + netloc.rpartition("@")[2]
+    return f"{scheme}{sep}{netloc}{slash}{path}"
 
 
 def _is_loopback(host: str) -> bool:
@@ -912,13 +998,17 @@ def _profile(name: str, r: _Reader) -> ProfileConfig:
     explicit_rotate_after = r.optional_duration("rotate_after", positive=True)
     allow = _patterns(r, "allow", required=True)
     check_interval = r.duration("check_interval", "60s", positive=True)
-    alert_threshold = r.integer("alert_threshold", 2, minimum=1)
+    alert_threshold = r.integer("alert_threshold", 2, minimum=1, maximum=MAX_ALERT_THRESHOLD)
     reuse_interval = r.duration("reuse_interval", "30s", maximum=60.0)
     family_max_age = r.duration("family_max_age", "24h", positive=True)
     if mode == "shared":
         for key in _PER_JOB_ONLY:
             if r.has(key):
                 r.report(key, 'only per-job profiles use this; remove it or set mode = "per-job"')
+    elif not r.failed & {"family_max_age", "reuse_interval"}:
+        problem = _family_max_age_problem(family_max_age, reuse_interval)
+        if problem is not None:
+            r.report("family_max_age", problem)
     rotate_after = _rotate_after(r, ttl, grace, explicit_rotate_after)
     r.finish()
     return ProfileConfig(
@@ -937,18 +1027,38 @@ def _profile(name: str, r: _Reader) -> ProfileConfig:
     )
 
 
+def _family_max_age_problem(family_max_age: float, reuse_interval: float) -> str | None:
+    """Why a family this short cannot work, or None. A family shorter than ttl is fine: each
+    token is cut to end with its family. It must still leave room for one token, and outlive
+    the window in which a job may retry a refresh."""
+    if family_max_age < MIN_TOKEN_TTL:
+        return (f"{format_duration(family_max_age)} leaves no room for a token: a family must last at least "
+                f"{format_duration(MIN_TOKEN_TTL)}, the shortest token the broker mints")
+    if family_max_age <= reuse_interval:
+        return (f"{format_duration(family_max_age)} is not longer than reuse_interval "
+                f"{format_duration(reuse_interval)}: the family would end while its job may still retry a "
+                "refresh; raise family_max_age or lower reuse_interval")
+    return None
+
+
 def _rotate_after(r: _Reader, ttl: float, grace: float, explicit: float | None) -> float:
     """The effective rotate_after, reporting when grace cannot fit after a jittered rotation."""
     if r.failed & {"ttl", "grace", "rotate_after"}:
         return explicit or 0.0  # a duration is already wrong; the arithmetic would only confuse
     if explicit is None:
         rotate_after = default_rotate_after(ttl, grace)
-        if rotate_after <= 0:
+        if rotate_after <= 0 and grace >= ttl:
+            r.report(
+                "grace",
+                f"{format_duration(grace)} is not shorter than ttl {format_duration(ttl)}: the previous token "
+                "would expire before its grace ends; lower grace or raise ttl",
+            )
+        elif rotate_after <= 0:
             margin = min(60.0, ttl / 10)
             r.report(
                 "grace",
                 f"{format_duration(grace)} does not fit in ttl {format_duration(ttl)}: "
-                f"ttl minus grace leaves {format_duration(max(0.0, ttl - grace))}, and rotation needs "
+                f"ttl minus grace leaves {format_duration(ttl - grace)}, and rotation needs "
                 f"more than the {format_duration(margin)} safety margin; lower grace or raise ttl",
             )
         return rotate_after
@@ -985,6 +1095,9 @@ def _read_toml(source: Path, problems: list[str]) -> dict[str, Any] | None:
         problems.append(f"{source}: invalid TOML: {exc}")
     except UnicodeDecodeError:
         problems.append(f"{source}: invalid TOML: the file is not UTF-8 text")
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively.
+        problems.append(f"{source}: invalid TOML: arrays or inline tables are nested too deeply")
     except OSError as exc:
         problems.append(f"{source}: cannot read config file: {exc.strerror or exc}")
     return None
@@ -1023,7 +1136,7 @@ def load_config(path: Path | str) -> Config:
     document = _read_toml(source, problems)
     if document is None:
         raise ConfigError(problems)
-    _scan_for_literal_secrets(document, "", problems)
+    _scan_for_literal_secrets(document, problems)
     config = _build(document, source, problems)
     if problems:
         # The messages avoid echoing token-shaped values already; this catches any we missed.

@@ -673,11 +673,25 @@ def test_token_shaped_value_anywhere(tmp_path: Path) -> None:
     expected = ("this value looks like a Vault token; literal tokens are not allowed in the "
                 "config; use token_file or token_env")
     assert problems == [
-        f"vault.auth[1].token_env: {expected}",
+        "vault.auth[1].token_env: this value looks like a Vault token, not a variable name; put the token in "
+        "an environment variable and give the variable's name here",
         f"profiles.deploy.policies[1]: {expected}",
         f"profiles.deploy.ttl: {expected}",
     ]
     assert not any(TOKEN[4:] in p or "a" * 24 in p for p in problems)
+
+
+@pytest.mark.parametrize(("key", "old"), [
+    ("vault.auth[0].secret_id_file", 'secret_id_file = "secrets/secret_id"'),
+    ("vault.auth[0].role_id_file", 'role_id_file = "secrets/role_id"'),
+    ("vault.auth[1].token_file", 'token_file = "secrets/token"'),
+])
+def test_a_token_pasted_into_a_file_key_gets_advice_for_that_key(tmp_path: Path, key: str, old: str) -> None:
+    name = old.split(" = ")[0]
+    problem = _only_problem(tmp_path, _mutated(old, f'{name} = "{TOKEN}"'))
+    assert problem == (f"{key}: this value looks like a Vault token, not a file name; put the credential in a "
+                       "file of its own (mode 0600) and give that file's path here")
+    assert TOKEN[4:] not in problem
 
 
 def test_token_never_echoed_even_as_a_key(tmp_path: Path) -> None:
@@ -895,3 +909,145 @@ def test_broker_check_reports_the_new_checks_and_exits_2(tmp_path: Path, capsys:
     assert all(line.startswith(f"{config}: ") for line in lines)
     assert "6a1f0c2e" not in err and "SECRET" not in err and "OLDold" not in err
     assert "token file secrets/token has 2 lines; put only the token in it" in lines[3]
+
+
+# --- found by testers: each refused by `broker check` with exit 2 and one line --------------
+
+
+def _check_lines(config: Path, capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """What `broker check` prints, each line without the config file prefix; it must exit 2."""
+    assert broker_main(["check", "--config", str(config)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    prefix = f"{config}: "
+    assert all(line.startswith(prefix) for line in err.splitlines()), err
+    return [line[len(prefix):] for line in err.splitlines()]
+
+
+@pytest.mark.parametrize(("setting", "expected"), [
+    ("rate_limit = nan", "server.rate_limit: nan is not a finite number; use a number from 0 to 100000"),
+    ("rate_limit_burst = nan", "server.rate_limit_burst: nan is not a finite number; use a number from 1 to 1000000"),
+    ("rate_limit = inf", "server.rate_limit: inf is not a finite number; use a number from 0 to 100000"),
+    ("rate_limit_burst = -inf",
+     "server.rate_limit_burst: -inf is not a finite number; use a number from 1 to 1000000"),
+    ("rate_limit = 1e9", "server.rate_limit: 1e+09 is out of range; use a number from 0 to 100000"),
+    ("max_body_bytes = 99999999999999999",
+     "server.max_body_bytes: 99999999999999999 is too large; the maximum is 16777216"),
+    ("handshake_timeout = inf", "server.handshake_timeout: inf is not a duration; use a number with a unit, "
+                                "like 90s, 15m or 1h"),
+    ("handshake_timeout = nan", "server.handshake_timeout: nan is not a duration; use a number with a unit, "
+                                "like 90s, 15m or 1h"),
+    ("handshake_timeout = 1e300",
+     "server.handshake_timeout: 1e+300 is more than 366 days, the longest duration the broker accepts"),
+    ('handshake_timeout = "99999999d"',
+     "server.handshake_timeout: '99999999d' is more than 366 days, the longest duration the broker accepts"),
+])
+def test_numbers_must_be_finite_and_in_range(tmp_path: Path, capsys: pytest.CaptureFixture[str], setting: str,
+                                             expected: str) -> None:
+    config = _setup(tmp_path, _mutated('listen = "127.0.0.1:8443"', f'listen = "127.0.0.1:8443"\n{setting}'))
+    assert _check_lines(config, capsys) == [expected]
+
+
+def test_upper_bounds_are_accepted(tmp_path: Path) -> None:
+    text = _mutated('listen = "127.0.0.1:8443"', 'listen = "127.0.0.1:8443"\nmax_body_bytes = 16777216\n'
+                    'rate_limit = 100000\nrate_limit_burst = 1e6\nhandshake_timeout = "366d"')
+    text = _mutated("alert_threshold = 2", "alert_threshold = 1000", text)
+    server = load_config(_setup(tmp_path, text)).server
+    assert (server.max_body_bytes, server.rate_limit, server.rate_limit_burst) == (16777216, 1e5, 1e6)
+    assert _only_problem(tmp_path, _mutated("alert_threshold = 2", "alert_threshold = 1001")) == (
+        "profiles.deploy.alert_threshold: 1001 is too large; the maximum is 1000"
+    )
+
+
+@pytest.mark.parametrize(("setting", "expected"), [
+    ('reuse_interval = "20s"\nfamily_max_age = "1s"',
+     "1s is not longer than reuse_interval 20s: the family would end while its job may still retry a refresh; "
+     "raise family_max_age or lower reuse_interval"),
+    ('reuse_interval = "20s"\nfamily_max_age = "20s"',
+     "20s is not longer than reuse_interval 20s: the family would end while its job may still retry a refresh; "
+     "raise family_max_age or lower reuse_interval"),
+    ('reuse_interval = "0s"\nfamily_max_age = "500ms"',
+     "500ms leaves no room for a token: a family must last at least 1s, the shortest token the broker mints"),
+])
+def test_family_max_age_must_leave_room_for_a_token(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    setting: str, expected: str) -> None:
+    config = _setup(tmp_path, _mutated('reuse_interval = "20s"', setting))
+    assert _check_lines(config, capsys) == [f"profiles.jobs.family_max_age: {expected}"]
+
+
+def test_a_family_shorter_than_ttl_is_fine(tmp_path: Path) -> None:
+    # Each token is cut to end with its family; ttl 10m does not make a 1m family wrong.
+    config = load_config(_setup(tmp_path, _mutated('reuse_interval = "20s"',
+                                                   'reuse_interval = "0s"\nfamily_max_age = "1s"')))
+    assert config.profiles["jobs"].family_max_age == 1.0
+
+
+@pytest.mark.parametrize("address", [
+    "http://vaultuser:Hunter2pw@127.0.0.1:8200", "https://Hunter2pw@vault.example:8200",
+    "http://vaultuser:Hunter2pw@vault.example:8200",  # not also the plaintext problem: one line
+])
+def test_vault_address_with_user_info_is_refused_unrepeated(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            address: str) -> None:
+    config = _setup(tmp_path, _mutated('"http://127.0.0.1:8200"', f'"{address}"'))
+    assert _check_lines(config, capsys) == [
+        "vault.address: has a user name or password before '@' (not shown: it may be a secret); give the "
+        "broker's Vault credential in [[vault.auth]], and only scheme://host:port here"
+    ]
+
+
+@pytest.mark.parametrize("address", [
+    "http://127.0.0.1:8200/?token=Hunter2pw", "https://vault.example:8200#Hunter2pw",
+    "https://vault.example:8200/v1?Hunter2pw",
+])
+def test_vault_address_with_query_or_fragment_is_refused_unrepeated(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], address: str) -> None:
+    config = _setup(tmp_path, _mutated('"http://127.0.0.1:8200"', f'"{address}"'))
+    assert _check_lines(config, capsys) == [
+        "vault.address: has a query ('?…') or fragment ('#…') (not shown: it may hold a token); use only "
+        "scheme://host:port, with a path if Vault sits under one"
+    ]
+
+
+def test_a_bad_vault_address_is_shown_without_user_info_or_query(tmp_path: Path) -> None:
+    problem = _only_problem(tmp_path, _mutated('"http://127.0.0.1:8200"', '"ftp://u:Hunter2pw@vault/x?Hunter2pw"'))
+    assert problem == ("vault.address: 'ftp://…@vault/x' is not an http:// or https:// URL; "
+                       "use e.g. https://vault.example:8200")
+
+
+@pytest.mark.parametrize(("key", "file", "what"), [
+    ("vault.auth[0].role_id_file", "secrets/role_id", "role_id"),
+    ("vault.auth[0].secret_id_file", "secrets/secret_id", "secret_id"),
+    ("vault.auth[1].token_file", "secrets/token", "token"),
+])
+@pytest.mark.parametrize("content", ['"Hunter2pw-6a1f0c2e"\n', "'Hunter2pw-6a1f0c2e'", '"Hunter2pw-6a1f0c2e'])
+def test_a_quoted_credential_is_refused_unrepeated(tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str,
+                                                   file: str, what: str, content: str) -> None:
+    config = _setup(tmp_path)
+    _write(tmp_path / file, content, mode=0o600)
+    lines = _check_lines(config, capsys)
+    assert lines == [f"{key}: {what} file {file} is wrapped in quotes; put only the {what} in it, without quotes"]
+    assert credential_problem(content, what) is not None
+
+
+def test_deeply_nested_toml_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "broker.toml"
+    config.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+    assert _check_lines(config, capsys) == ["invalid TOML: arrays or inline tables are nested too deeply"]
+
+
+def test_deeply_dotted_keys_are_scanned_without_recursion(tmp_path: Path) -> None:
+    text = VALID + "[deep]\n" + ".".join(["x"] * 20000) + f' = "{TOKEN}"\n'
+    problems = _problems(tmp_path, text)
+    assert problems[0].startswith("…") and problems[0].endswith(".x.x: this value looks like a Vault token; "
+                                                                 "literal tokens are not allowed in the config; "
+                                                                 "use token_file or token_env")
+    assert len(problems[0]) < 400 and TOKEN[4:] not in "".join(problems)
+    assert problems[1:] == ["unknown key 'deep'"]
+
+
+def test_grace_longer_than_ttl_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _setup(tmp_path, _mutated('grace = "15m"', 'grace = "2h"'))
+    assert _check_lines(config, capsys) == [
+        "profiles.deploy.grace: 2h is not shorter than ttl 1h: the previous token would expire before its grace "
+        "ends; lower grace or raise ttl"
+    ]
