@@ -5,6 +5,7 @@ state disk fails."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import stat
@@ -445,3 +446,30 @@ async def test_readyz_counts_a_per_job_profile_ready_only_while_the_broker_can_l
     status, ready = await b.ops("/readyz")
     assert ready["profiles"]["deploy"] == {"ready": True, "mode": "per-job", "reasons": []}
     await _create(b)
+
+
+async def test_a_family_as_short_as_the_shortest_token_starts(brokers: BrokerFactory) -> None:
+    """family_max_age = 1s (the least broker check accepts with reuse_interval 0s): the first token
+    gets exactly that second, reckoned from the same instant as the family's end. Reckoned from a
+    later one it was 0.99..s, refused as "maximum age", and that RefreshRejected answered 500."""
+    b = await brokers.start({"deploy": {**PER_JOB, "reuse_interval": "0s", "family_max_age": "1s"}})
+    first = await _create(b)
+    assert first["generation"] == 1 and first["expires_at"] <= first["refresh_expires_at"]
+    await b.wait_for(lambda: bool(_events(b, "family_revoked")), timeout=8, what="the family to expire")
+    await _assert_still_serving(b)
+
+
+async def test_a_family_with_no_room_for_a_token_is_503_not_500(brokers: BrokerFactory) -> None:
+    # broker check refuses such a profile; should one get here anyway, creating a family is a
+    # failed mint (503), never an unhandled RefreshRejected (500).
+    b = await brokers.start({"deploy": PER_JOB})
+    manager = b.broker.families
+    assert manager is not None
+    healthy = manager._profiles["deploy"]  # noqa: SLF001 - a profile broker check would refuse
+    manager._profiles["deploy"] = dataclasses.replace(healthy, family_max_age=0.5)  # noqa: SLF001
+    answer = await raw(b, "POST", "/v1/tokens/deploy")
+    assert_error(answer, 503, "unavailable", "family_max_age leaves no time for a token")
+    assert answer.headers.get("Retry-After")
+    assert not _events(b, "family_created") and not manager.families
+    manager._profiles["deploy"] = healthy  # noqa: SLF001
+    await _assert_still_serving(b)

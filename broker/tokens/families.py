@@ -28,13 +28,14 @@ from dataclasses import dataclass, field
 
 from broker.audit import AuditLog
 from broker.clock import Clock, sleep_or_wake
-from broker.config import ProfileConfig
+from broker.config import MIN_TOKEN_TTL, ProfileConfig
 from broker.errors import (
     AuditUnavailable,
     BrokerError,
     FamilyNotFound,
     RefreshRejected,
     VaultError,
+    VaultRequestRejected,
     VaultUnavailable,
     describe_bug,
 )
@@ -218,11 +219,11 @@ class FamilyManager:
     # --- minting -------------------------------------------------------------------------
 
     async def _mint(self, profile: ProfileConfig, family: str, generation: int, identity: str,
-                    family_expires_at: float) -> Token:
-        """A verified Vault token for one generation; never outlives its family."""
-        now = self._clock.now()
+                    family_expires_at: float, now: float) -> Token:
+        """A verified Vault token for one generation; never outlives its family. ``now`` is the
+        caller's: a family created at ``now`` with family_max_age 1s has exactly 1s left."""
         ttl = min(profile.ttl, family_expires_at - now)
-        if ttl < 1:
+        if ttl < MIN_TOKEN_TTL:
             raise RefreshRejected("refresh_token_invalid", "the token family has reached its maximum age")
         meta = {"profile": profile.name, "family": family, "generation": str(generation),
                 "identity": identity[:256], "issued_by": "token-broker"}
@@ -255,7 +256,13 @@ class FamilyManager:
         family_id = new_family_id()
         now = self._clock.now()
         expires_at = now + profile.family_max_age
-        token = await self._mint(profile, family_id, 1, identity, expires_at)
+        try:
+            token = await self._mint(profile, family_id, 1, identity, expires_at, now)
+        except RefreshRejected:
+            # Only a family_max_age shorter than a token gets here (broker check refuses one).
+            # This is no refresh-token problem of the caller's: answer as for any failed mint.
+            raise VaultRequestRejected("create_token", f"profile {profile.name}'s family_max_age leaves no time "
+                                                       "for a token; see broker check") from None
         refresh_token = new_refresh_token(family_id)
         family = Family(
             id=family_id, profile=profile.name, owner_fp=caller.fingerprint, owner_identity=identity,
@@ -310,7 +317,8 @@ class FamilyManager:
 
     async def _rotate(self, family: Family, profile: ProfileConfig, caller: Caller) -> Issued:
         generation = family.generation + 1
-        token = await self._mint(profile, family.id, generation, family.owner_identity, family.expires_at)
+        token = await self._mint(profile, family.id, generation, family.owner_identity, family.expires_at,
+                                 self._clock.now())
         refresh_token = new_refresh_token(family.id)
         now = self._clock.now()
         old = family.current
