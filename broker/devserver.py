@@ -326,9 +326,9 @@ Ctrl-C stops both. In another shell:
   curl {tls} https://localhost:{port}/v1/tokens/demo
 
   # a per-job token family (refresh token kept in a 0600 file), refreshed, then released
-  {exe} get release --refresh-file /tmp/release.refresh
-  {exe} refresh --refresh-file /tmp/release.refresh
-  {exe} release --refresh-file /tmp/release.refresh
+  {exe} get release --refresh-file {directory}/release.refresh
+  {exe} refresh --refresh-file {directory}/release.refresh
+  {exe} release --refresh-file {directory}/release.refresh
 
   # rotate it now as the operator (admin cert)
   curl {ops_tls} -X POST https://localhost:{port}/v1/tokens/demo/rotate

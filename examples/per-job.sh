@@ -7,8 +7,8 @@
 # the job ends, whatever the outcome (the trap). Needs BROKER_URL, BROKER_CERT, BROKER_KEY,
 # BROKER_CA (see docs/job-authors.md); BROKER_PROFILE picks the profile (default: release).
 #
-# Under GitHub Actions, add --output FILE to get/refresh and read the file, so that the
-# ::add-mask:: line reaches the runner (see examples/github-actions.yml).
+# Under GitHub Actions (GITHUB_ACTIONS=true) get and refresh print an ::add-mask:: line for
+# the token on stderr, where the runner reads it, so `$(broker get ...)` stays masked as is.
 set -euo pipefail
 
 profile="${BROKER_PROFILE:-release}"

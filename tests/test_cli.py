@@ -467,6 +467,16 @@ async def test_readme_quick_start_with_broker_dev(tmp_path: Path) -> None:
         status, ready = await _ops_get(ops_port, "/readyz")
         assert status == 200, ready
 
+        # The per-job lines as printed, in order: their refresh file lives in the dev directory.
+        per_job = [shlex.split(line)[1:] for line in lines if "--refresh-file" in line]
+        assert [words[0] for words in per_job] == ["get", "refresh", "release"], lines
+        refresh_file = directory.resolve() / "release.refresh"
+        assert all(words[-1] == str(refresh_file) for words in per_job), per_job
+        for words in per_job:
+            ran = await broker_cli(*words, env=clean_env(**env))
+            assert ran.code == 0, (ran, stderr_path.read_text())
+        assert not refresh_file.exists()
+
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), 25) == 0, stderr_path.read_text()
         assert _refuses(vault_address), "the OpenBao child outlived broker dev"
