@@ -33,7 +33,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from broker.config import ServerConfig
+from broker.config import ServerConfig, check_secret_file_mode
 from broker.errors import CertError
 from broker.identity import identities_from_der, identities_from_peercert
 
@@ -55,8 +55,17 @@ def server_context(cfg: ServerConfig) -> ssl.SSLContext:
     # handful of times; a full handshake each time costs nothing that matters.
     ctx.num_tickets = 0
     _load_chain(ctx, Path(cfg.cert), Path(cfg.key), role="server", check_validity=True)
+    require_private_key(Path(cfg.key))
     _load_trust(ctx, Path(cfg.client_ca), role="client_ca")
     return ctx
+
+
+def require_private_key(key: Path) -> None:
+    """CertError if group or others may read the server key: ``broker check`` refuses such a
+    key at start, and a reload (SIGHUP) must not accept what a start refuses."""
+    problem = check_secret_file_mode(key)
+    if problem is not None:
+        raise CertError(f"server key refused: {problem}")
 
 
 def client_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:

@@ -34,6 +34,7 @@ from OpenSSL._util import lib as _lib
 from broker.config import ServerConfig
 from broker.errors import CertError
 from broker.identity import Caller
+from broker.tls import require_private_key
 
 log = logging.getLogger("broker.tls")
 
@@ -97,25 +98,35 @@ def openssl_context(cfg: ServerConfig, certificates: KnownCertificates) -> SSL.C
     for what, path, load in (
         ("server certificate", cfg.cert, ctx.use_certificate_chain_file),
         ("server key", cfg.key, ctx.use_privatekey_file),
+        ("client_ca", cfg.client_ca, ctx.load_verify_locations),
     ):
+        _require_readable(what, path)
         try:
             load(str(path))
         except (SSL.Error, OSError) as exc:
             raise CertError(f"cannot load the {what} {path}: {_reason(exc)}") from None
-    try:
-        ctx.check_privatekey()
-    except SSL.Error:
-        raise CertError(f"server key {cfg.key} does not match the certificate {cfg.cert}") from None
-    try:
-        ctx.load_verify_locations(str(cfg.client_ca))
-    except (SSL.Error, OSError) as exc:
-        raise CertError(f"cannot load client_ca {cfg.client_ca}: {_reason(exc)}") from None
+        if what == "server key":
+            try:
+                ctx.check_privatekey()
+            except SSL.Error:
+                raise CertError(f"server key {cfg.key} does not match the certificate {cfg.cert}") from None
+            require_private_key(path)
     store = ctx.get_cert_store()
     if store is None:  # cannot happen after load_verify_locations; refuse rather than verify loosely
         raise CertError(f"cannot use client_ca {cfg.client_ca}: OpenSSL has no certificate store")
     store.set_flags(crypto.X509StoreFlags.X509_STRICT)
     ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, certificates.verify)
     return ctx
+
+
+def _require_readable(what: str, path: object) -> None:
+    """CertError with the operating system's reason ("No such file or directory") if ``path``
+    cannot be read: for a file it cannot open, OpenSSL reports only "system lib"."""
+    try:
+        with open(str(path), "rb"):
+            pass
+    except OSError as exc:
+        raise CertError(f"cannot load the {what} {path}: {exc.strerror or exc}") from None
 
 
 def _reason(exc: BaseException) -> str:

@@ -17,11 +17,14 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import os
 import shutil
+import signal
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -31,6 +34,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from broker.certs import fingerprint_sha256, init_ca_and_server, issue_client, issue_server
 from broker.config import ServerConfig
+from broker.devserver import OpenBaoDevServer
 from broker.errors import CertError
 from broker.identity import identities_from_der
 from broker.tls import (
@@ -41,6 +45,9 @@ from broker.tls import (
     require_client_auth_eku,
     server_context,
 )
+from broker.tlsengine import KnownCertificates, openssl_context
+from tests.conftest import BrokerFactory, RunningBroker, assert_still_serving
+from tests.conftest import Pki as BrokerPki
 
 TIMEOUT = 5.0
 GREETING = b"hello\n"
@@ -572,3 +579,92 @@ async def test_reload_same_ca_new_server_cert(pki: Pki, tmp_path: Path) -> None:
             assert await old.ping() == b"pong ping\n"
         finally:
             await old.close()
+
+
+@pytest.mark.parametrize("engine", ["stdlib", "openssl"])
+def test_a_server_key_others_can_read_is_refused_by_both_engines(pki: Pki, tmp_path: Path, engine: str) -> None:
+    live = copy_pki(pki, tmp_path)
+    key = live.dir / "server.key"
+    key.chmod(0o640)
+    with pytest.raises(CertError) as err:
+        if engine == "stdlib":
+            server_context(live.config())
+        else:
+            openssl_context(live.config(), KnownCertificates())
+    assert str(err.value) == (f"server key refused: secret file {key} has mode 0640, so group or others can "
+                              f"access it; run chmod 600 {key}")
+
+
+@pytest.mark.parametrize(("file", "what"), [
+    ("server.pem", "server certificate"), ("server.key", "server key"), ("ca.pem", "client_ca")])
+def test_openssl_engine_names_the_os_reason_for_a_missing_file(pki: Pki, tmp_path: Path, file: str,
+                                                               what: str) -> None:
+    live = copy_pki(pki, tmp_path)
+    (live.dir / file).unlink()
+    with pytest.raises(CertError) as err:
+        openssl_context(live.config(), KnownCertificates())
+    assert str(err.value) == f"cannot load the {what} {live.dir / file}: No such file or directory"
+
+
+# --- reload on a real broker (SIGHUP) -----------------------------------------------------------
+
+
+@pytest.fixture
+async def own_broker(tmp_path: Path, openbao: OpenBaoDevServer, log_lines: list[str]
+                     ) -> AsyncIterator[RunningBroker]:
+    """A broker whose server cert and key are this test's own, so the test may break them."""
+    d = tmp_path / "own-pki"
+    d.mkdir()
+    init_ca_and_server(d)
+    issue_client(d, "job")
+    factory = BrokerFactory(tmp_path, BrokerPki(d, d), openbao, log_lines)
+    try:
+        yield await factory.start()
+    finally:
+        await factory.close()
+
+
+async def _sighup(b: RunningBroker, log_lines: list[str]) -> list[str]:
+    """Send this process a real SIGHUP, handled as `broker serve` does; the reload's log lines."""
+    seen = len(log_lines)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, b.broker.reload_tls)
+    try:
+        os.kill(os.getpid(), signal.SIGHUP)
+        await b.wait_for(lambda: any("tls_reload" in line for line in log_lines[seen:]), what="the reload")
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+    return [line for line in log_lines[seen:] if "tls_reload" in line]
+
+
+def _break_key_mode(d: Path) -> str:
+    (d / "server.key").chmod(0o644)
+    key = d / "server.key"
+    return f"server key refused: secret file {key} has mode 0644, so group or others can access it; run chmod 600 {key}"
+
+
+def _remove_cert(d: Path) -> str:
+    (d / "server.pem").rename(d / "server.pem.moved")
+    return f"cannot load the server certificate {d / 'server.pem'}: No such file or directory"
+
+
+def _repair(d: Path) -> None:
+    (d / "server.key").chmod(0o600)
+    if (d / "server.pem.moved").exists():
+        (d / "server.pem.moved").rename(d / "server.pem")
+
+
+@pytest.mark.parametrize("breakage", [_break_key_mode, _remove_cert], ids=["key-0644", "cert-missing"])
+async def test_sighup_applies_the_startup_checks_and_keeps_the_old_context(
+        own_broker: RunningBroker, log_lines: list[str], breakage: Any) -> None:
+    b = own_broker
+    before = b.broker.tls_context.current
+    reason = breakage(b.pki.dir)
+    assert await _sighup(b, log_lines) == [
+        f"ERROR broker.service tls_reload_failed error={reason} action=keeping the previous certificate"]
+    assert b.broker.tls_context.current is before
+    await assert_still_serving(b)
+    _repair(b.pki.dir)
+    assert [line.split(" cert=")[0] for line in await _sighup(b, log_lines)] == ["INFO broker.service tls_reloaded"]
+    assert b.broker.tls_context.current is not before
+    await assert_still_serving(b)
