@@ -18,6 +18,7 @@ from typing import Any
 
 from broker.clock import Clock
 from broker.errors import AuditUnavailable
+from broker.files import make_private_dir
 
 log = logging.getLogger("broker.audit")
 
@@ -91,7 +92,7 @@ class AuditLog:
         """Open for appending; a failure here is reported like a failed write, not fatal,
         so the broker starts, says what is wrong, and recovers once the file is writable."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_private_dir(self.path.parent)
             if repair_torn_tail(self.path):
                 log.warning("audit_repaired path=%s reason=partial last line from an interrupted write was removed",
                             self.path)

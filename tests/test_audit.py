@@ -90,3 +90,41 @@ def test_token_and_login_values_never_show_in_repr_or_str() -> None:
     for obj in objects:
         for text in (repr(obj), str(obj)):
             assert secret not in text and "acc-SECRET" not in text, text
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_directories_made_for_the_audit_log_are_0700(tmp_path: Path) -> None:
+    old_umask = os.umask(0o022)  # the usual umask, which left them 0755
+    try:
+        tmp_path.chmod(0o755)
+        audit = AuditLog(tmp_path / "logs" / "broker" / "audit.jsonl", FakeClock())
+        audit.open()
+        audit.event("token_served", profile="demo")
+        audit.close()
+    finally:
+        os.umask(old_umask)
+    assert audit.healthy
+    assert (_mode(tmp_path / "logs"), _mode(tmp_path / "logs" / "broker")) == (0o700, 0o700)
+    assert _mode(tmp_path) == 0o755, "a directory that was there already is left alone"
+    assert _mode(tmp_path / "logs" / "broker" / "audit.jsonl") == 0o600
+
+
+def test_directories_made_for_state_files_are_0700(tmp_path: Path) -> None:
+    from broker.files import write_atomic
+
+    old_umask = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "var" / "state" / "families.json", b"[]")
+    finally:
+        os.umask(old_umask)
+    assert (_mode(tmp_path / "var"), _mode(tmp_path / "var" / "state")) == (0o700, 0o700)
+    assert _mode(tmp_path / "var" / "state" / "families.json") == 0o600
+
+
+async def test_a_broker_keeps_its_state_directory_private(brokers: BrokerFactory) -> None:
+    b = await brokers.start()
+    assert _mode(b.broker.config.state.dir) == 0o700
+    assert _mode(b.audit_path) == 0o600
