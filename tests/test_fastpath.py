@@ -347,3 +347,24 @@ async def test_shutdown_closes_idle_keepalive_connections_at_once(
     assert await conn.closed_by_server(within=10), "the idle keep-alive connection was closed by the shutdown"
     await stopping
     assert b.task.done() and b.task.exception() is None
+
+
+@pytest.mark.parametrize("request_bytes", [
+    pytest.param(b"GET /v1/tokens/demo HTTP/1.1\nHost: localhost\n\n", id="lf-only"),
+    pytest.param(b"GET /v1/tokens/demo HTTP/1.1\r\nHost: localhost\n\n", id="lf-after-crlf"),
+])
+async def test_a_head_with_bare_lf_is_handed_over_at_once(brokers: BrokerFactory, request_bytes: bytes) -> None:
+    """It never ends in CRLFCRLF, so waiting for one would hold the connection until the
+    keep-alive timeout; aiohttp's handler answers it the moment it arrives."""
+    b = await brokers.start()
+    conn = await Conn.open(b)
+    await conn.send(request_bytes)
+    status, headers, body = await conn.answer()  # Conn.answer waits 10 s at most, not 75
+    assert status == 400 and headers["content-type"].startswith("application/json")
+    assert headers["cache-control"] == "no-store"
+    error = json.loads(body)
+    assert set(error) == {"error", "message"} and error["error"] == "bad_request"
+    assert error["message"].startswith("malformed HTTP request"), error
+    assert served(b) == 0
+    conn.close()
+    await assert_still_serving(b)

@@ -141,6 +141,11 @@ def _answerable(message: RawRequestMessage, payload: object) -> bool:
             and "Expect" not in message.headers)
 
 
+def _bare_lf(data: bytes, start: int) -> bool:
+    """Whether ``data[start:]`` has an LF that does not end a CRLF."""
+    return data.count(b"\n", start) != data.count(b"\r\n", start)
+
+
 class FastPathProtocol(asyncio.Protocol):
     """One API connection: hot requests answered here until the first other one, then
     aiohttp's handler (``fallback()``) owns the connection."""
@@ -218,7 +223,10 @@ class FastPathProtocol(asyncio.Protocol):
             if not pending.startswith(_PREFIX[:len(pending) - start], start):
                 hot = False
             elif end < 0:
-                hot = len(pending) - start <= _MAX_HEAD  # wait for the rest, unless too long for a fetch
+                # Wait for the rest, unless it cannot become a head served here: too long for a
+                # fetch, or a line ended by a bare LF, which would never be followed by CRLFCRLF
+                # (aiohttp's handler answers it at once). Looked at only while a head is incomplete.
+                hot = len(pending) - start <= _MAX_HEAD and not _bare_lf(pending, start)
                 break
             elif (answered := self._answer(pending[start:end + 4])) is None:
                 hot = False
