@@ -131,15 +131,32 @@ async def test_internal_error_is_500_json_without_details(b: RunningBroker, monk
 
 # --- min_ttl --------------------------------------------------------------------------------
 
+# Whole seconds in ASCII digits only: int() and float() would take most of these.
 @pytest.mark.parametrize("value", ["abc", "", "0x10", "10s", "-5", "-0.5", "nan", "NaN", "inf", "-inf",
-                                   "Infinity", "1e400"])
-async def test_min_ttl_that_is_not_a_usable_number_is_400(b: RunningBroker, value: str) -> None:
+                                   "Infinity", "1e400", "1.5", "29.5", "1e9", "1_0", "%2010", "10%20", "%D9%A1",
+                                   "-0", "%2B5", "1234567890"])
+async def test_min_ttl_that_is_not_a_whole_number_of_seconds_is_400(b: RunningBroker, value: str) -> None:
     answer = await raw(b, "GET", f"/v1/tokens/demo?min_ttl={value}")
-    assert_error(answer, 400, "bad_request", "min_ttl")
+    assert_error(answer, 400, "bad_request", "min_ttl must be a whole number of seconds (at most 9 digits 0-9)")
     await assert_still_serving(b)
 
 
-@pytest.mark.parametrize("value", ["30", "29.5", "3600", "1e9"])
+@pytest.mark.parametrize("value", ["1e308", "9" * 400, "x" * 400])
+async def test_min_ttl_error_never_echoes_a_huge_value(b: RunningBroker, value: str) -> None:
+    answer = await raw(b, "GET", f"/v1/tokens/demo?min_ttl={value}")
+    body = assert_error(answer, 400, "bad_request", "min_ttl must be a whole number of seconds")
+    assert len(body["message"]) < 120, body
+    await assert_still_serving(b)
+
+
+@pytest.mark.parametrize("query", ["min_ttl=5&min_ttl=5000", "min_ttl=5&min_ttl=5", "min_ttl=5&x=1&min_ttl="])
+async def test_repeated_min_ttl_is_400(b: RunningBroker, query: str) -> None:
+    answer = await raw(b, "GET", f"/v1/tokens/demo?{query}")
+    assert_error(answer, 400, "bad_request", "min_ttl is given 2 times; give it once")
+    await assert_still_serving(b)
+
+
+@pytest.mark.parametrize("value", ["30", "3600", "999999999", "000000030"])
 async def test_min_ttl_beyond_what_the_profile_can_give_is_400(b: RunningBroker, value: str) -> None:
     before = b.generation()
     answer = await raw(b, "GET", f"/v1/tokens/demo?min_ttl={value}")

@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import BrokerFactory, RunningBroker, assert_still_serving
 from tests.fakes import FakeClock
+from tests.faults import TcpProxy
 
 
 def _raw_tls(b: RunningBroker, request: bytes) -> bytes:
@@ -51,6 +52,22 @@ async def test_malformed_http_gets_a_json_400(brokers: BrokerFactory, request_by
     assert headers["content-type"].startswith("application/json") and headers["cache-control"] == "no-store"
     assert body["error"] == "bad_request" and body["message"].startswith("malformed HTTP request")
     assert (await b.get_token())["profile"] == "demo"
+
+
+@pytest.mark.parametrize("request_bytes", [
+    pytest.param(b"GET /v1/tokens/demo HTTP/2.0\r\nHost: localhost\r\n\r\n", id="http-2.0"),
+    pytest.param(b"GET /v1/tokens/demo\r\n\r\n", id="http-0.9"),
+    pytest.param(b"GET /v1/whoami HTTP/2.0\r\nHost: localhost\r\n\r\n", id="http-2.0-other-route"),
+])
+async def test_only_http_1x_is_served(brokers: BrokerFactory, request_bytes: bytes) -> None:
+    """aiohttp's parser reads these request lines without complaint; nothing is served on them."""
+    b = await brokers.start()
+    status, headers, body = _parse(await asyncio.to_thread(_raw_tls, b, request_bytes))
+    assert status == 400
+    assert headers["content-type"].startswith("application/json") and headers["cache-control"] == "no-store"
+    assert body == {"error": "bad_request", "message": "only HTTP/1.0 and HTTP/1.1 are served"}
+    assert not [e for e in b.audit_events() if e["event"] == "token_served"]
+    await assert_still_serving(b)
 
 
 async def test_header_injection_in_the_profile_name_is_not_reflected(brokers: BrokerFactory) -> None:
@@ -104,3 +121,22 @@ def test_token_bucket_refills_at_the_rate_and_caps_at_the_burst() -> None:
     assert wait == 0 and bucket.tokens == 1.0, "refill caps at the burst"
     limiter = RateLimiter(rate=1.0, burst=1.0)
     assert limiter.check("a", 0.0) == 0 and limiter.check("a", 0.0) > 0 and limiter.check("b", 0.0) == 0
+
+
+async def test_min_ttl_during_an_outage_says_the_early_rotation_failed_not_that_no_token_exists(
+        brokers: BrokerFactory, proxy: TcpProxy) -> None:
+    clock = FakeClock()
+    b = await brokers.start(clock=clock, vault_address=proxy.address)  # ttl 30s
+    first = await b.get_token()
+    await clock.advance(5)  # 25 s left
+    proxy.cut()
+    status, body, headers = await b.request("GET", "/v1/tokens/demo?min_ttl=29")
+    assert status == 503 and set(body) == {"error", "message"} and body["error"] == "unavailable", body
+    message = body["message"]
+    assert message.startswith("no token of profile demo with at least 29s left right now: the early rotation failed (")
+    assert message.endswith("the current token has 25s left; retry later or ask for a smaller min_ttl"), message
+    assert "no valid token" not in message
+    assert int(headers["Retry-After"]) >= 1 and headers["Cache-Control"] == "no-store"
+    assert b.metric("broker_token_requests_total", profile="demo", outcome="unavailable") == 1
+    assert (await b.get_token())["token"] == first["token"]  # the current token is still served
+    await assert_still_serving(b)

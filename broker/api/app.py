@@ -7,7 +7,6 @@ always gets something a person can act on.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -15,6 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
@@ -34,8 +34,8 @@ log = logging.getLogger("broker.api")
 
 ERROR_CODES = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    406: "not_acceptable", 413: "payload_too_large", 415: "unsupported_media_type", 429: "rate_limited",
-    431: "headers_too_large", 500: "internal", 503: "unavailable",
+    406: "not_acceptable", 408: "request_timeout", 413: "payload_too_large", 415: "unsupported_media_type",
+    417: "expectation_failed", 429: "rate_limited", 431: "headers_too_large", 500: "internal", 503: "unavailable",
 }
 
 
@@ -77,6 +77,13 @@ class Grants:
         return self._known[key]
 
 
+# aiohttp bounds an idle keep-alive connection but not a request whose body never finishes
+# arriving: without this, any certificate holder could pin connections (and their tasks) for
+# ever by declaring a Content-Length and sending a byte now and then. A refresh body is well
+# under 1 KiB; 10 s is ample for it on a slow link.
+BODY_READ_TIMEOUT = 10.0
+
+
 @dataclass(frozen=True)
 class ApiDeps:
     profiles: Mapping[str, ProfileConfig]
@@ -87,6 +94,7 @@ class ApiDeps:
     metrics: Metrics
     clock: Clock
     max_body_bytes: int = 64 * 1024
+    body_read_timeout: float = BODY_READ_TIMEOUT
     rate_limiter: RateLimiter | None = None
     families: FamilyManager | None = None
     token_bodies: TokenBodies = field(default_factory=TokenBodies)
@@ -115,15 +123,17 @@ def error_response(status: int, message: str, code: str | None = None,
 
 
 class ApiError(Exception):
-    """Raised by handlers; turned into the JSON error body by the middleware."""
+    """Raised by handlers; turned into the JSON error body by the middleware. ``close``: the
+    connection cannot carry another request after this answer (e.g. a body left half read)."""
 
     def __init__(self, status: int, message: str, code: str | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 headers: Mapping[str, str] | None = None, close: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.headers = dict(headers or {})
+        self.close = close
 
 
 _DEFAULT_MESSAGES = {
@@ -142,18 +152,40 @@ def _route_label(request: web.Request) -> str:
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+_SERVED_VERSIONS = (HttpVersion10, HttpVersion11)
+
+
+def unsupported_version(request: web.BaseRequest) -> web.Response | None:
+    """A JSON 400 for a request that is not HTTP/1.0 or 1.1, else None. aiohttp's parser reads
+    ``HTTP/2.0`` and a bare HTTP/0.9 request line without complaint, and both would be served."""
+    if request.version in _SERVED_VERSIONS:
+        return None
+    response = error_response(400, "only HTTP/1.0 and HTTP/1.1 are served", headers={"Cache-Control": "no-store"})
+    response.force_close()
+    return response
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     deps = request.app[DEPS]
     started = time.perf_counter()
     try:
+        if (refused := unsupported_version(request)) is not None:
+            return refused
         length = request.content_length
         if length is not None and length > deps.max_body_bytes:
             return error_response(413, f"request body of {length} bytes is over the limit of {deps.max_body_bytes}")
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc.status, exc.message, exc.code, exc.headers)
+        response = error_response(exc.status, exc.message, exc.code, exc.headers)
+        if exc.close:
+            response.force_close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -164,6 +196,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(exc.status, message, headers={k: v for k, v in exc.headers.items()
                                                                if k in ("Allow", "Retry-After")})
     except Exception as exc:
+        if isinstance(exc, ConnectionError) and _client_gone(request):
+            # Not a bug, and any certificate holder can do it at will: no ERROR line. The answer
+            # is never written; it only ends the request.
+            log.debug("client_gone route=%s", _route_label(request))
+            return error_response(400, "the client closed the connection before the request was complete")
         log.error("internal_error route=%s error=%s", _route_label(request), describe_bug(exc))
         return error_response(500, "internal error; the broker logged the details")
     finally:
@@ -209,13 +246,48 @@ class JsonErrorsRequestHandler(RequestHandler):
         return response
 
 
+class JsonErrorsServer(web.Server):
+    """aiohttp's server, with :class:`JsonErrorsRequestHandler` on every connection."""
+
+    def __call__(self) -> RequestHandler:
+        return JsonErrorsRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+def serve_json_errors(app: web.Application) -> None:
+    """Every runner of ``app`` serves it with :class:`JsonErrorsServer`, whichever site it is
+    started on (the ops listener uses aiohttp's own ``SockSite``). aiohttp has no public hook for
+    the handler class, so wrap the method its runner calls to build the server."""
+    make_handler = app._make_handler  # noqa: SLF001
+
+    def make(**kwargs: object) -> web.Server:
+        plain = make_handler(**kwargs)  # type: ignore[arg-type]
+        return JsonErrorsServer(plain.request_handler, request_factory=plain.request_factory,
+                                handler_cancellation=plain.handler_cancellation, loop=plain._loop,  # noqa: SLF001
+                                **plain._kwargs)  # noqa: SLF001
+
+    app._make_handler = make  # type: ignore[method-assign]  # noqa: SLF001
+
+
 def protocol_factory(runner: web.AppRunner) -> Callable[[], RequestHandler]:
     """What ``loop.create_server`` needs: aiohttp's handler for ``runner``, with JSON errors."""
     server = runner.server
-    assert server is not None, "runner.setup() first"
-    loop = asyncio.get_running_loop()
-    kwargs = server._kwargs  # noqa: SLF001 - the handler_args the app was set up with
-    return lambda: JsonErrorsRequestHandler(server, loop=loop, **kwargs)
+    assert isinstance(server, JsonErrorsServer), "runner.setup() first, on an app from make_app"
+    return server
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """The routes' Expect handler. aiohttp's default answers any expectation but 100-continue
+    with a plain-text 417 that quotes the header, before any middleware runs."""
+    if request.version != HttpVersion11:
+        return None  # HTTP/1.0 has no Expect (RFC 9110 10.1.1): ignored, as aiohttp does
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        response = error_response(417, "the only Expect header this API supports is 100-continue",
+                                  headers={"Cache-Control": "no-store"})
+        response.force_close()  # the client may or may not send the body it announced
+        return response
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # as aiohttp's own handler: the answer proper has not started
+    return None
 
 
 def make_app(deps: ApiDeps) -> web.Application:
@@ -225,5 +297,6 @@ def make_app(deps: ApiDeps) -> web.Application:
                           handler_args={"max_line_size": MAX_REQUEST_LINE, "keepalive_timeout": KEEPALIVE_TIMEOUT})
     app[DEPS] = deps
     app.on_response_prepare.append(_no_store)
+    serve_json_errors(app)
     handlers.add_routes(app)
     return app

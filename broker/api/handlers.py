@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from broker.api.app import DEPS, ApiDeps, ApiError
+from broker.api.app import DEPS, ApiDeps, ApiError, expect_continue
 from broker.api.authz import is_admin
 from broker.audit import rfc3339
 from broker.config import ProfileConfig
@@ -80,23 +80,30 @@ def _audit(deps: ApiDeps, event: str, **fields: object) -> None:
                        code="audit_unavailable", headers={"Retry-After": "5"}) from None
 
 
+MIN_TTL_DIGITS = 9  # over 31 years: more than any profile's ttl, and a bounded int to print
+
+
 def _min_ttl(request: web.Request, profile: ProfileConfig) -> float:
     if not request.query_string:
         return 0.0  # the common case: no query to parse
-    raw = request.query.get("min_ttl")
-    if raw is None:
+    given = request.query.getall("min_ttl", [])
+    if not given:
         return 0.0
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ApiError(400, f"min_ttl must be a whole number of seconds, got {raw[:40]!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ApiError(400, f"min_ttl must be a non-negative number of seconds, got {raw[:40]!r}")
+    if len(given) > 1:
+        raise ApiError(400, f"min_ttl is given {len(given)} times; give it once")
+    raw = given[0]
+    # ASCII digits only: int() and float() also take " 10", "1_0", "-0", "1.5", "1e3" and
+    # non-ASCII digits, none of which is the "whole number of seconds" the message promises.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= MIN_TTL_DIGITS):
+        shown = repr(raw[:20]) + ("…" if len(raw) > 20 else "")
+        raise ApiError(400, f"min_ttl must be a whole number of seconds (at most {MIN_TTL_DIGITS} digits 0-9), "
+                            f"got {shown}")
+    value = int(raw)
     limit = policy.max_min_ttl(profile.ttl)
     if value > limit:
-        raise ApiError(400, f"min_ttl {int(value)}s is more than profile {profile.name} can ever give "
+        raise ApiError(400, f"min_ttl {value}s is more than profile {profile.name} can ever give "
                             f"(ttl {int(profile.ttl)}s; at most {int(limit)}s)")
-    return value
+    return float(value)
 
 
 def _retry_after(deps: ApiDeps, rotator: Rotator) -> str:
@@ -108,6 +115,19 @@ def _retry_after(deps: ApiDeps, rotator: Rotator) -> str:
 def _unavailable(deps: ApiDeps, rotator: Rotator, detail: str) -> ApiError:
     deps.metrics.count_request(rotator.name, "unavailable")
     return ApiError(503, f"no valid token for profile {rotator.name} right now ({detail}); retry later",
+                    headers={"Retry-After": _retry_after(deps, rotator)})
+
+
+def _too_short(deps: ApiDeps, rotator: Rotator, min_ttl: float, detail: str) -> ApiError | None:
+    """The 503 for a min_ttl fetch whose early rotation failed while a shorter token is still
+    valid: "no valid token" would send the caller looking for an outage that has not hit them."""
+    current, now = rotator.state.current, deps.clock.now()
+    if min_ttl <= 0 or current is None or not policy.is_servable(now, current):
+        return None
+    deps.metrics.count_request(rotator.name, "unavailable")
+    return ApiError(503, f"no token of profile {rotator.name} with at least {int(min_ttl)}s left right now: "
+                         f"the early rotation failed ({detail}); the current token has "
+                         f"{int(current.expires_at - now)}s left; retry later or ask for a smaller min_ttl",
                     headers={"Retry-After": _retry_after(deps, rotator)})
 
 
@@ -125,7 +145,7 @@ async def get_token(request: web.Request) -> web.Response:
     except BeyondGrant as exc:
         raise ApiError(400, str(exc)) from None
     except VaultError as exc:
-        raise _unavailable(deps, rotator, exc.detail) from None
+        raise _too_short(deps, rotator, min_ttl, exc.detail) or _unavailable(deps, rotator, exc.detail) from None
     now = deps.clock.now()
     if not policy.is_servable(now, token, min_ttl):
         raise _unavailable(deps, rotator, "the last token expired and Vault has not given a new one")
@@ -284,13 +304,27 @@ async def create_family(request: web.Request) -> web.Response:
     return web.json_response(_issued_body(issued))
 
 
+async def read_body(request: web.Request) -> bytes:
+    """The whole request body, within the listener's bound on how long that may take; 408
+    (closing the connection, whose body is left half read) past it."""
+    timeout = request.app[DEPS].body_read_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g}s", close=True) from None
+
+
 async def _refresh_token_from(request: web.Request) -> str:
     if request.content_type != "application/json":
         raise ApiError(415, 'send the refresh token as JSON: Content-Type: application/json, {"refresh_token": "..."}')
+    raw = await read_body(request)
     try:
-        body = json.loads(await request.read())
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, 'the body is not valid JSON; send {"refresh_token": "..."}') from None
+    except RecursionError:  # json recurses per nesting level: 64 KiB of "[" is far too deep
+        raise ApiError(400, 'the body is JSON nested too deeply; send {"refresh_token": "..."}') from None
     token = body.get("refresh_token") if isinstance(body, dict) else None
     if not isinstance(token, str) or not token:
         raise ApiError(400, 'the body must be a JSON object with a string "refresh_token"')
@@ -328,11 +362,15 @@ async def release_family(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     # No implicit HEAD: a HEAD fetch would mint (min_ttl) and audit token_served for a token
     # that is never delivered.
-    app.router.add_get("/v1/tokens", list_tokens, allow_head=False)
-    app.router.add_get("/v1/whoami", whoami, allow_head=False)
-    app.router.add_get("/v1/tokens/{profile}", get_token, allow_head=False)
-    app.router.add_post("/v1/tokens/{profile}", create_family)
-    app.router.add_post("/v1/tokens/{profile}/rotate", admin_rotate)
-    app.router.add_post("/v1/tokens/{profile}/revoke", admin_revoke)
-    app.router.add_post("/v1/refresh", refresh)
-    app.router.add_delete("/v1/families/{family}", release_family)
+    routes = [
+        ("GET", "/v1/tokens", list_tokens),
+        ("GET", "/v1/whoami", whoami),
+        ("GET", "/v1/tokens/{profile}", get_token),
+        ("POST", "/v1/tokens/{profile}", create_family),
+        ("POST", "/v1/tokens/{profile}/rotate", admin_rotate),
+        ("POST", "/v1/tokens/{profile}/revoke", admin_revoke),
+        ("POST", "/v1/refresh", refresh),
+        ("DELETE", "/v1/families/{family}", release_family),
+    ]
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler, expect_handler=expect_continue)

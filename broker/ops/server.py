@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from broker.api.app import serve_json_errors, unsupported_version
 from broker.clock import Clock
 from broker.metrics import Metrics
 from broker.ops.health import readiness
@@ -48,9 +49,18 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+@web.middleware
+async def _http_1x_only(request: web.Request,
+                        handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    return unsupported_version(request) or await handler(request)
+
+
 def make_ops_app(deps: OpsDeps) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[_http_1x_only])
     app[OPS] = deps
+    # A misdirected client may send a Vault token in a header here: malformed requests get the
+    # API listener's JSON error, which never quotes the request, and no traceback in the log.
+    serve_json_errors(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
