@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse with the CLI's error style: one line on stderr, exit 2 (no usage dump)."""
 
     def error(self, message: str) -> NoReturn:
+        if message.endswith("expected one argument"):
+            # argparse takes a value such as -5s for an option, so it never reaches our check.
+            message += " (for a value that starts with '-', write OPTION=VALUE)"
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
@@ -189,10 +193,12 @@ def _get(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise _Usage(f"--min-ttl: {exc}") from None
     _check_env_name(args.env_name)
+    if args.refresh_file is not None:
+        _check_new_refresh_file(args.refresh_file)
     client = _client(args.retries)
     if args.refresh_file is not None:
         body = client.start_family(args.profile)
-        _keep_refresh_token(args.refresh_file, body)
+        _keep_or_release(client, args.refresh_file, body)
     else:
         body = client.get_token(args.profile, min_ttl)
         if "refresh_token" in body:
@@ -241,15 +247,74 @@ def _keep_refresh_token(path: Path, body: dict[str, object]) -> None:
         raise _Failure(f"cannot write the refresh file {path}: {exc.strerror or exc}") from None
 
 
-def _read_refresh_file(path: Path) -> dict[str, object]:
+def _check_new_refresh_file(path: Path) -> None:
+    """Before a family is started: a refresh file that cannot be written would leave a family
+    nobody can release, and overwriting one would lose an earlier family's refresh token."""
+    import tempfile
+
     try:
-        data = json.loads(path.read_text())
+        info = os.stat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise _Usage(f"cannot use {path} as the refresh file: {exc.strerror or exc}") from None
+    else:
+        if not stat.S_ISREG(info.st_mode):
+            raise _Usage(f"the refresh file {path} exists and is not a regular file; pick another path")
+        if info.st_size > 0:
+            raise _Usage(f"the refresh file {path} is not empty: it may hold an earlier family's refresh token; "
+                         f"run broker release --refresh-file {shlex.quote(str(path))} first, or pick another file")
+    if not path.parent.is_dir():
+        raise _Usage(f"cannot write the refresh file {path}: directory {path.parent} does not exist")
+    try:  # the same kind of write the real one does: a temp file beside it
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"):
+            pass
+    except OSError as exc:
+        raise _Usage(f"cannot write the refresh file {path}: {exc.strerror or exc}") from None
+
+
+def _keep_or_release(client: BrokerClient, path: Path, body: dict[str, object]) -> None:
+    """Keep the new family's refresh token in ``path``; if that fails, end the family now
+    rather than leave a live Vault token that nobody can refresh or release."""
+    try:
+        _keep_refresh_token(path, body)
+    except _Failure as failure:
+        from broker.client import ClientError
+
+        try:
+            client.release(str(body.get("family")))
+            outcome = "released the family just started"
+        except ClientError as exc:
+            outcome = f"could not release the family just started ({exc}); it ends at the profile's family_max_age"
+        raise _Failure(f"{failure}; {outcome}") from None
+
+
+REFRESH_FILE_LIMIT = 16 * 1024  # what broker get writes is a few hundred bytes
+
+
+def _read_refresh_file(path: Path) -> dict[str, object]:
+    not_ours = f"{path} is not a refresh file written by broker get --refresh-file"
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise _Usage(f"cannot read the refresh file {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _Usage(f"the refresh file {path} is not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            raw = f.read(REFRESH_FILE_LIMIT + 1)
+        except OSError as exc:
+            raise _Usage(f"cannot read the refresh file {path}: {exc.strerror or exc}") from None
+    if len(raw) > REFRESH_FILE_LIMIT:
+        raise _Usage(f"{not_ours} (larger than {REFRESH_FILE_LIMIT} bytes)")
+    try:
+        data = json.loads(raw)
     except ValueError:
-        raise _Usage(f"{path} is not a refresh file written by broker get --refresh-file") from None
+        raise _Usage(not_ours) from None
     if not isinstance(data, dict) or not isinstance(data.get("refresh_token"), str) or "family" not in data:
-        raise _Usage(f"{path} is not a refresh file written by broker get --refresh-file")
+        raise _Usage(not_ours)
     return data
 
 
@@ -257,7 +322,12 @@ def _refresh(args: argparse.Namespace) -> int:
     _check_env_name(args.env_name)
     kept = _read_refresh_file(args.refresh_file)
     body = _client(args.retries).refresh(str(kept["refresh_token"]))
-    _keep_refresh_token(args.refresh_file, body)
+    try:
+        _keep_refresh_token(args.refresh_file, body)
+    except _Failure as failure:
+        # The old file is intact (the write is atomic) and still names the family.
+        raise _Failure(f"{failure}; the new refresh token is lost, so end the family with broker release "
+                       f"--refresh-file {shlex.quote(str(args.refresh_file))}") from None
     return _emit(body, args)
 
 
@@ -265,6 +335,10 @@ def _release(args: argparse.Namespace) -> int:
     kept = _read_refresh_file(args.refresh_file)
     body = _client(args.retries).release(str(kept["family"]))
     args.refresh_file.unlink(missing_ok=True)
+    if body is None:
+        print(f"broker release: family {kept['family']} is already gone (ended by an earlier attempt whose "
+              f"answer was lost, or expired); removed {args.refresh_file}", file=sys.stderr)
+        return EXIT_OK
     print(json.dumps(body))
     if body.get("revoked") is False:
         print(f"broker: the family is ended, but Vault has not yet confirmed revoking "

@@ -1,9 +1,11 @@
 """The job side: ``broker get`` and the admin calls, over mTLS with the standard library.
 
 Configuration comes from the environment (BROKER_URL, BROKER_CERT, BROKER_KEY, BROKER_CA),
-so a CI job needs no config file. 503 and connection failures are retried with backoff
-(honouring ``Retry-After``); anything else is answered at once. Failures are ``ClientError``
-with one sentence for the user and the exit code to use; none carries a token.
+so a CI job needs no config file. 503, 429 and connection failures are retried with backoff
+(honouring ``Retry-After``); anything else is answered at once. A request that is not safe to
+repeat (starting a family, a refresh, an admin revoke) is retried only when it certainly never
+reached the broker. Failures are ``ClientError`` with one sentence for the user and the exit
+code to use; none carries a token.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import http.client
 import json
 import math
 import random
+import re
 import ssl
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -24,6 +27,7 @@ from broker.tls import client_context
 
 DEFAULT_URL = "https://localhost:8443"
 MAX_RETRY_AFTER = 30.0
+RETRIED_STATUSES = frozenset({429, 503})  # the broker did not act on the request: safe to repeat
 
 
 class ClientError(BrokerError):
@@ -52,15 +56,35 @@ class ClientConfig:
             if not path.is_file():
                 raise ClientError(f"{name} file {path} does not exist", exit_code=2)
         url = env.get("BROKER_URL") or DEFAULT_URL
+        return cls(url=_checked_url(url), cert=paths["BROKER_CERT"], key=paths["BROKER_KEY"],
+                   ca=paths["BROKER_CA"], retries=retries)
+
+
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)?[^/?#]*@")
+
+
+def _shown(url: str) -> str:
+    """``url`` fit for a message: a password in it must never reach a CI log."""
+    return _USERINFO.sub(r"\1…@", url)
+
+
+def _checked_url(url: str) -> str:
+    """``url`` if it is ``https://host[:port][/]``; a usage error naming the problem otherwise."""
+    def bad(problem: str) -> ClientError:
+        return ClientError(f"BROKER_URL {_shown(url)!r} {problem}", exit_code=2)
+
+    try:
         parts = urlsplit(url)
-        try:
-            parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
-        except ValueError:
-            raise ClientError(f"BROKER_URL {url!r} has an invalid port", exit_code=2) from None
-        if parts.scheme != "https" or not parts.hostname:
-            raise ClientError(f"BROKER_URL must be an https:// URL, got {url!r}", exit_code=2)
-        return cls(url=url, cert=paths["BROKER_CERT"], key=paths["BROKER_KEY"], ca=paths["BROKER_CA"],
-                   retries=retries)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        raise bad(f"is not a valid URL ({exc})") from None
+    if parts.scheme != "https" or not parts.hostname:
+        raise bad("is not an https:// URL with a host, e.g. https://localhost:8443")
+    if "@" in parts.netloc:
+        raise bad("holds a user name or password; the client certificate is the only credential, remove them")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise bad("must be just https://host[:port]: the API paths are fixed (no path, query or fragment)")
+    return url
 
 
 @dataclass(frozen=True)
@@ -68,6 +92,9 @@ class Answer:
     status: int
     body: bytes
     headers: Mapping[str, str]
+    # An earlier try failed after the request may have reached the broker: a 404 to a release
+    # then means that try ended the family.
+    after_lost_answer: bool = False
 
     def json(self) -> dict[str, object]:
         """The body as a JSON object; ValueError if it is anything else."""
@@ -105,6 +132,10 @@ class BrokerClient:
         if payload is not None:
             headers["Content-Type"] = "application/json"
         try:
+            try:
+                conn.connect()
+            except OSError as exc:
+                raise _NotSent(exc) from exc
             conn.request(method, path, body=payload, headers=headers)
             response = conn.getresponse()
             return Answer(response.status, response.read(), {k.lower(): v for k, v in response.getheaders()})
@@ -112,36 +143,57 @@ class BrokerClient:
             conn.close()
 
     def request(self, method: str, path: str, accept: str = "application/json",
-                payload: dict[str, object] | None = None) -> Answer:
-        """One call, retried on 503 and on connection failures; other answers return at once.
+                payload: dict[str, object] | None = None, unsafe: str | None = None) -> Answer:
+        """One call, retried on 503 and 429 and on connection failures; other answers return at once.
 
-        Retrying a refresh is safe: the broker answers the retried previous refresh token with
-        the pair it already issued (within the profile's reuse_interval)."""
+        ``unsafe`` marks a call that must not happen twice (it says what a lost answer leaves
+        behind): it is retried only when it certainly never reached the broker (connecting or the
+        TLS handshake failed) or the broker refused it with 503/429. A refresh is one: the broker
+        answers a repeated refresh token with the same pair only within ``reuse_interval`` and
+        without a restart in between; otherwise a repeat is reuse and revokes the family."""
         data = json.dumps(payload).encode() if payload is not None else None
         attempts = max(0, self._config.retries) + 1
+        url = _shown(self._config.url)
+        lost_answer = False
         for attempt in range(1, attempts + 1):
+            last = attempt == attempts
             try:
                 answer = self._once(method, path, accept, data)
-            except ssl.SSLCertVerificationError as exc:
-                raise ClientError(f"cannot verify the broker's certificate with BROKER_CA ({exc.verify_message}); "
-                                  "is BROKER_CA the CA that signed the broker's cert?") from None
-            except ssl.SSLError as exc:
-                problem = (f"TLS handshake with {self._config.url} failed ({exc.reason or exc}); the broker "
-                           "refused this client certificate (check BROKER_CERT and BROKER_KEY) or does not speak "
-                           "TLS 1.3")
-                if attempt == attempts:
-                    raise ClientError(problem) from None
+            except _NotSent as not_sent:
+                exc = not_sent.cause
+                if isinstance(exc, ssl.SSLCertVerificationError):
+                    raise ClientError(self._unverified(exc)) from None
+                if last:
+                    raise ClientError(_tls_failed(url, exc) if isinstance(exc, ssl.SSLError)
+                                      else _unreachable(url, attempts, exc)) from None
                 self._sleep(self._backoff(attempt, None))
                 continue
-            except (OSError, http.client.HTTPException) as exc:
-                if attempt == attempts:
-                    raise ClientError(_unreachable(self._config.url, attempts, exc)) from None
+            except (OSError, http.client.HTTPException) as exc:  # the request may have reached the broker
+                if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLEOFError):
+                    # A TLS alert after the handshake: the broker refused this client certificate.
+                    if last or unsafe is not None:
+                        raise ClientError(_tls_failed(url, exc)) from None
+                elif unsafe is not None:
+                    raise ClientError(f"{_unreachable(url, attempt, exc)}; not retried: the broker may have "
+                                      f"acted on the request, {unsafe}") from None
+                elif last:
+                    raise ClientError(_unreachable(url, attempts, exc)) from None
+                else:
+                    lost_answer = True
                 self._sleep(self._backoff(attempt, None))
                 continue
-            if answer.status != 503 or attempt == attempts:
-                return answer
+            if answer.status not in RETRIED_STATUSES or last:
+                return replace(answer, after_lost_answer=lost_answer)
             self._sleep(self._backoff(attempt, answer.headers.get("retry-after")))
         raise AssertionError("unreachable")
+
+    def _unverified(self, exc: ssl.SSLCertVerificationError) -> str:
+        if exc.verify_code in (HOSTNAME_MISMATCH, IP_ADDRESS_MISMATCH):
+            return (f"the broker's certificate is not issued for {self._host!r}, the host in BROKER_URL "
+                    f"({exc.verify_message}); use a name the certificate is issued for in BROKER_URL, "
+                    "e.g. localhost")
+        return (f"cannot verify the broker's certificate with BROKER_CA ({exc.verify_message}); "
+                "is BROKER_CA the CA that signed the broker's cert?")
 
     def _backoff(self, attempt: int, retry_after: str | None) -> float:
         if retry_after is not None:
@@ -162,16 +214,28 @@ class BrokerClient:
         return _with_token(self._ok(answer))
 
     def start_family(self, profile: str) -> dict[str, object]:
-        return _with_token(self._ok(self.request("POST", f"/v1/tokens/{quote(profile, safe='')}")))
+        lost = "so a family whose refresh token nobody holds may exist; it ends at the profile's family_max_age"
+        return _with_token(self._ok(self.request("POST", f"/v1/tokens/{quote(profile, safe='')}", unsafe=lost)))
 
     def refresh(self, refresh_token: str) -> dict[str, object]:
-        return _with_token(self._ok(self.request("POST", "/v1/refresh", payload={"refresh_token": refresh_token})))
+        lost = ("so the refresh token may be spent; run broker refresh again soon: within the profile's "
+                "reuse_interval the broker answers it with the same pair")
+        return _with_token(self._ok(self.request("POST", "/v1/refresh", payload={"refresh_token": refresh_token},
+                                                 unsafe=lost)))
 
-    def release(self, family: str) -> dict[str, object]:
-        return self._ok(self.request("DELETE", f"/v1/families/{quote(family, safe='')}"))
+    def release(self, family: str) -> dict[str, object] | None:
+        """The DELETE's answer; None if a retry found the family gone (an earlier try whose
+        answer was lost ended it, or it expired meanwhile)."""
+        answer = self.request("DELETE", f"/v1/families/{quote(family, safe='')}")
+        if answer.status == 404 and answer.after_lost_answer:
+            return None
+        return self._ok(answer)
 
     def admin(self, profile: str, action: str) -> dict[str, object]:
-        return self._ok(self.request("POST", f"/v1/tokens/{quote(profile, safe='')}/{action}"))
+        # A second revoke would revoke the token the first one minted, which jobs may already use.
+        lost = ("so the profile's tokens may be revoked and a new one minted already; run broker revoke again "
+                "if unsure (that also replaces the new token)") if action == "revoke" else None
+        return self._ok(self.request("POST", f"/v1/tokens/{quote(profile, safe='')}/{action}", unsafe=lost))
 
     @staticmethod
     def _ok(answer: Answer) -> dict[str, object]:
@@ -195,6 +259,23 @@ def _with_token(body: dict[str, object]) -> dict[str, object]:
 _CLOSED = (http.client.RemoteDisconnected, ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
 
 
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
+HOSTNAME_MISMATCH, IP_ADDRESS_MISMATCH = 62, 64
+
+
+class _NotSent(Exception):
+    """Connecting or the TLS handshake failed: not a byte of the request left this process."""
+
+    def __init__(self, cause: OSError) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
+def _tls_failed(url: str, exc: ssl.SSLError) -> str:
+    return (f"TLS handshake with {url} failed ({exc.reason or exc}); the broker refused this client "
+            "certificate (check BROKER_CERT and BROKER_KEY) or does not speak TLS 1.3")
+
+
 def _unreachable(url: str, attempts: int, exc: BaseException) -> str:
     detail = f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
     tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
@@ -206,9 +287,13 @@ def _unreachable(url: str, attempts: int, exc: BaseException) -> str:
 
 def write_secret_file(path: Path, text: str) -> None:
     """Atomically write ``text`` to ``path`` with mode 0600 (never briefly readable by others).
-    The directory must exist: a typo in a path should fail, not create directories."""
+    The directory must exist: a typo in a path should fail, not create directories; and the
+    path must be a regular file if it exists."""
     from broker.files import write_atomic
 
     if not path.parent.is_dir():
         raise FileNotFoundError(2, "No such directory", str(path.parent))
+    if path.exists() and not path.is_file():
+        # The write renames a new file over the path: as root, that would replace /dev/null.
+        raise IsADirectoryError(21, "Not a regular file", str(path))
     write_atomic(path, text.encode(), mode=0o600)

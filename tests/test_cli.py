@@ -205,15 +205,40 @@ async def test_get_with_a_key_that_does_not_match_the_cert_is_a_usage_error(b: R
     assert_one_line_error(run, 2, "does not match")
 
 
-@pytest.mark.parametrize("url", ["http://localhost:8443", "https://localhost:notaport"])
-async def test_get_with_a_bad_broker_url_is_a_usage_error(b: RunningBroker, url: str) -> None:
+@pytest.mark.parametrize(("url", "problem"), [
+    ("http://localhost:8443", "https://"), ("https://localhost:notaport", "not a valid URL"),
+    ("https://[::1", "not a valid URL"), ("https://localhost:8443/v1", "no path, query or fragment"),
+    ("https://localhost:8443/?", "no path, query or fragment"), ("https://localhost:8443#x", "no path"),
+])
+async def test_get_with_a_bad_broker_url_is_a_usage_error(b: RunningBroker, url: str, problem: str) -> None:
     run = await broker_cli("get", "demo", env=job_env(b, BROKER_URL=url))
-    assert_one_line_error(run, 2, "BROKER_URL")
+    assert_one_line_error(run, 2, "BROKER_URL", repr(url), problem)
+
+
+@pytest.mark.parametrize("userinfo", ["ci-user:s3cr3t-pw@", "s3cr3t-pw@", "ci-user:s3cr3t-pw@[::1"])
+async def test_get_with_a_password_in_broker_url_refuses_without_echoing_it(b: RunningBroker, userinfo: str) -> None:
+    url = f"https://{userinfo}localhost:{b.broker.api_port}"
+    run = await broker_cli("get", "demo", env=job_env(b, BROKER_URL=url))
+    line = assert_one_line_error(run, 2, "BROKER_URL", secrets=["s3cr3t-pw", "ci-user"])
+    assert "password" in line or "not a valid URL" in line, line
+
+
+async def test_get_accepts_a_broker_url_with_a_trailing_slash(b: RunningBroker) -> None:
+    run = await get_ok(b, "demo", env=job_env(b, BROKER_URL=b.url + "/"))
+    remember(b, run.out.strip())
+
+
+async def test_get_with_a_host_the_cert_is_not_issued_for_names_the_host(b: RunningBroker) -> None:
+    """127.1 reaches the broker (it is 127.0.0.1) but is not a name in its certificate: the CA is right."""
+    run = await broker_cli("get", "demo", env=job_env(b, BROKER_URL=f"https://127.1:{b.broker.api_port}"))
+    line = assert_one_line_error(run, 1, "not issued for '127.1'", "BROKER_URL", "e.g. localhost",
+                                 secrets=secrets_of(b))
+    assert "is BROKER_CA the CA" not in line
 
 
 async def test_get_with_the_wrong_ca_fails_without_retrying(b: RunningBroker) -> None:
     run = await broker_cli("get", "demo", env=job_env(b, BROKER_CA=str(b.pki.other_dir / "ca.pem")))
-    assert_one_line_error(run, 1, "BROKER_CA", secrets=secrets_of(b))
+    assert_one_line_error(run, 1, "BROKER_CA", "is BROKER_CA the CA", secrets=secrets_of(b))
 
 
 async def test_get_with_a_client_cert_the_broker_does_not_trust_fails(b: RunningBroker) -> None:
@@ -241,10 +266,17 @@ async def test_get_when_the_broker_is_down_exits_1(b: RunningBroker) -> None:
     assert_one_line_error(run, 1, "cannot reach the broker", "2 attempts")
 
 
-@pytest.mark.parametrize("value", ["ten", "-5s", "1h1h"])
-async def test_get_with_a_bad_min_ttl_is_a_usage_error(b: RunningBroker, value: str) -> None:
-    run = await broker_cli("get", "demo", "--min-ttl", value, env=job_env(b))
-    assert_one_line_error(run, 2, "--min-ttl")
+@pytest.mark.parametrize(("value", "problem"), [("ten", "ten"), ("1h1h", "1h1h"), ("=-5s", "negative")])
+async def test_get_with_a_bad_min_ttl_is_a_usage_error(b: RunningBroker, value: str, problem: str) -> None:
+    args = ["--min-ttl" + value] if value.startswith("=") else ["--min-ttl", value]
+    run = await broker_cli("get", "demo", *args, env=job_env(b))
+    assert_one_line_error(run, 2, "--min-ttl", problem)
+
+
+async def test_get_with_a_dash_min_ttl_says_how_to_write_it(b: RunningBroker) -> None:
+    # argparse reads "-5s" as an option, so the value never reaches the duration check.
+    run = await broker_cli("get", "demo", "--min-ttl", "-5s", env=job_env(b))
+    assert_one_line_error(run, 2, "--min-ttl", "OPTION=VALUE")
 
 
 @pytest.mark.parametrize("name", ["1ABC", "A-B", "é"])
@@ -263,6 +295,15 @@ async def test_get_with_an_unwritable_output_exits_1(b: RunningBroker, tmp_path:
     run = await broker_cli("get", "demo", "--output", str(tmp_path), env=job_env(b))
     line = assert_one_line_error(run, 1, "cannot write", str(tmp_path), secrets=secrets_of(b))
     assert "Errno" not in line
+
+
+async def test_get_output_to_something_not_a_regular_file_leaves_it_alone(b: RunningBroker, tmp_path: Path) -> None:
+    # A FIFO stands for /dev/null: the atomic write would rename a file over it (as root, too).
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    run = await broker_cli("get", "demo", "--output", str(fifo), env=job_env(b))
+    assert_one_line_error(run, 1, "cannot write", str(fifo), "Not a regular file", secrets=secrets_of(b))
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
 
 
 # --- admin calls ------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import RunningBroker, module_broker, token_is_valid
-from tests.test_cli import assert_one_line_error, broker_cli, job_env
+from tests.test_cli import assert_one_line_error, broker_cli, job_env, secrets_of
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -86,3 +87,119 @@ async def test_bad_refresh_files(b: RunningBroker, tmp_path: Path) -> None:
     garbage.write_text("{not json")
     run = await broker_cli("release", "--refresh-file", str(garbage), env=job_env(b))
     assert_one_line_error(run, 2, "is not a refresh file")
+
+
+def _created(b: RunningBroker) -> float:
+    return b.metric("broker_token_requests_total", profile="deploy", outcome="family_created") or 0.0
+
+
+def _live_families(b: RunningBroker) -> set[str]:
+    assert b.broker.families is not None
+    return {family.id for family in b.broker.families.families}
+
+
+async def test_get_into_a_missing_directory_starts_no_family(b: RunningBroker, tmp_path: Path) -> None:
+    before = _created(b)
+    target = tmp_path / "typo" / "deploy.refresh"
+    run = await broker_cli("get", "deploy", "--refresh-file", str(target), env=job_env(b))
+    assert_one_line_error(run, 2, "cannot write the refresh file", str(target), "does not exist")
+    assert _created(b) == before, "checked before the POST: no family nobody holds"
+    assert not target.parent.exists()
+
+
+async def test_get_into_a_read_only_directory_starts_no_family(b: RunningBroker, tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a 0500 directory")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    before = _created(b)
+    run = await broker_cli("get", "deploy", "--refresh-file", str(locked / "f"), env=job_env(b))
+    assert_one_line_error(run, 2, "cannot write the refresh file", "Permission denied")
+    assert _created(b) == before
+
+
+async def test_get_refuses_a_refresh_file_that_already_holds_one(b: RunningBroker, tmp_path: Path) -> None:
+    refresh_file = tmp_path / "deploy.refresh"
+    assert (await broker_cli("get", "deploy", "--refresh-file", str(refresh_file), env=job_env(b))).code == 0
+    kept = refresh_file.read_text()
+    before = _created(b)
+    run = await broker_cli("get", "deploy", "--refresh-file", str(refresh_file), env=job_env(b))
+    assert_one_line_error(run, 2, str(refresh_file), "not empty", f"broker release --refresh-file {refresh_file}",
+                          "another file", secrets=[json.loads(kept)["refresh_token"]])
+    assert _created(b) == before and refresh_file.read_text() == kept, "the earlier family can still be released"
+    _kept(refresh_file, b)
+    assert (await broker_cli("release", "--refresh-file", str(refresh_file), env=job_env(b))).code == 0
+
+
+async def test_get_uses_an_empty_refresh_file_such_as_mktemp_makes(b: RunningBroker, tmp_path: Path) -> None:
+    refresh_file = tmp_path / "from-mktemp"
+    refresh_file.touch(mode=0o600)
+    run = await broker_cli("get", "deploy", "--refresh-file", str(refresh_file), env=job_env(b))
+    assert run.code == 0, run
+    b.seen_secrets.add(run.out.strip())
+    assert _kept(refresh_file, b)["generation"] == 1
+    assert (await broker_cli("release", "--refresh-file", str(refresh_file), env=job_env(b))).code == 0
+
+
+async def test_get_refuses_a_refresh_file_that_is_not_a_regular_file(b: RunningBroker, tmp_path: Path) -> None:
+    # Never a device here: the atomic write renames over the path, and as root it would replace
+    # /dev/null with a file (this check is what stops that).
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    before = _created(b)
+    for path in (fifo, tmp_path):
+        run = await broker_cli("get", "deploy", "--refresh-file", str(path), env=job_env(b))
+        assert_one_line_error(run, 2, str(path), "not a regular file")
+    assert _created(b) == before
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+async def test_a_refresh_file_that_cannot_be_written_after_the_post_releases_the_family(
+        b: RunningBroker, tmp_path: Path) -> None:
+    """The check before the POST can be overtaken (the directory removed meanwhile): then the
+    family just started is released instead of left with a token nobody holds."""
+    from broker import cli
+    from broker.client import BrokerClient, ClientConfig
+
+    cert, key = b.pki.pair("job")
+    client = BrokerClient(ClientConfig(url=b.url, cert=cert, key=key, ca=b.pki.ca), sleep=lambda _: None)
+    body = await asyncio.to_thread(client.start_family, "deploy")
+    token = str(body["token"])
+    b.seen_secrets.update((token, str(body["refresh_token"])))
+    assert body["family"] in _live_families(b)
+    gone = tmp_path / "removed" / "deploy.refresh"
+    with pytest.raises(cli._Failure) as failure:
+        await asyncio.to_thread(cli._keep_or_release, client, gone, body)
+    message = str(failure.value)
+    assert "cannot write the refresh file" in message and "released the family just started" in message
+    assert token not in message and str(body["refresh_token"]) not in message
+    assert body["family"] not in _live_families(b)
+    assert not token_is_valid(b.vault, token)
+
+
+async def test_release_of_an_already_released_family_is_a_404(b: RunningBroker, tmp_path: Path) -> None:
+    """Only a retry may take a 404 for "released already": on the first try it is an error."""
+    refresh_file = tmp_path / "deploy.refresh"
+    assert (await broker_cli("get", "deploy", "--refresh-file", str(refresh_file), env=job_env(b))).code == 0
+    copy = tmp_path / "copy.refresh"
+    copy.write_text(refresh_file.read_text())
+    _kept(refresh_file, b)
+    assert (await broker_cli("release", "--refresh-file", str(refresh_file), env=job_env(b))).code == 0
+    run = await broker_cli("release", "--refresh-file", str(copy), env=job_env(b))
+    assert_one_line_error(run, 1, "404", "not_found", secrets=secrets_of(b))
+    assert copy.exists()
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "directory", "huge"])
+@pytest.mark.parametrize("command", ["refresh", "release"])
+async def test_refresh_file_that_is_not_a_small_regular_file_is_refused(b: RunningBroker, tmp_path: Path,
+                                                                        command: str, kind: str) -> None:
+    path = {"device": Path("/dev/zero"), "fifo": tmp_path / "fifo", "directory": tmp_path,
+            "huge": tmp_path / "huge"}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)  # nobody writes to it: reading it would wait forever
+    if kind == "huge":
+        path.write_text('{"family": "x", "refresh_token": "' + "y" * 100_000 + '"}')
+    run = await broker_cli(command, "--refresh-file", str(path), env=job_env(b), timeout=15)
+    problem = "larger than" if kind == "huge" else "not a regular file"
+    assert_one_line_error(run, 2, str(path), problem)

@@ -8,6 +8,7 @@ connections); one real ``broker get`` run checks the line it prints and its exit
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import socket
 from collections.abc import Iterator
@@ -114,3 +115,37 @@ async def test_get_without_retries_prints_the_503_in_one_line(brokers: BrokerFac
     assert_one_line_error(run, 1, "503", "unavailable", UNAVAILABLE, "retry later")
     assert b.metric("broker_token_requests_total", profile="demo", outcome="unavailable") == 1
     await _recovers(b, proxy)
+
+
+async def test_client_retries_429_and_sleeps_what_retry_after_says(brokers: BrokerFactory) -> None:
+    """A rate of one request per 100 s: the first fetch spends the burst, every later one gets
+    429 with Retry-After 100, which the client caps at 30 s (and sleeps on the fake clock)."""
+    b = await brokers.start({"demo": {}}, server_extra="rate_limit = 0.01\nrate_limit_burst = 1")
+    sleeps: list[float] = []
+    client = _client(b.pki, b.url, retries=2, sleeps=sleeps)
+    b.record_answer(200, json.dumps(await asyncio.to_thread(client.get_token, "demo")))
+    answers: list[Answer] = []
+    once = client._once
+
+    def spy(*args: object) -> Answer:
+        answer = once(*args)  # type: ignore[arg-type]
+        answers.append(answer)
+        b.record_answer(answer.status, answer.body.decode())
+        return answer
+
+    client._once = spy  # type: ignore[method-assign]
+    with pytest.raises(ClientError) as failure:
+        await asyncio.to_thread(client.get_token, "demo")
+    assert str(failure.value).startswith("broker answered 429 rate_limited: too many requests")
+    assert [a.status for a in answers] == [429, 429, 429], "one try and two retries"
+    assert [a.headers["retry-after"] for a in answers] == ["100"] * 3
+    assert sleeps == [MAX_RETRY_AFTER, MAX_RETRY_AFTER]
+
+
+async def test_get_without_retries_prints_the_429_in_one_line(brokers: BrokerFactory) -> None:
+    b = await brokers.start({"demo": {}}, server_extra="rate_limit = 0.01\nrate_limit_burst = 1")
+    first = await broker_cli("get", "demo", env=job_env(b))
+    assert first.code == 0, first
+    b.seen_secrets.add(first.out.strip())
+    run = await broker_cli("get", "demo", "--retries", "0", env=job_env(b))
+    assert_one_line_error(run, 1, "429", "rate_limited", "retry in 100s", secrets=b.seen_secrets)
