@@ -24,7 +24,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 PER_JOB = {"mode": "per-job", "ttl": "60s", "grace": "2s", "rotate_after": "40s", "allow": ["cn:job"]}
 
-b = module_broker("cli-client", {"deploy": PER_JOB})
+b = module_broker("cli-client", {"demo": {}, "deploy": PER_JOB})
 
 
 class AnswerDropper:
@@ -158,3 +158,24 @@ async def test_release_after_a_refused_connection_still_reports_a_404(b: Running
         run = await broker_cli("release", "--refresh-file", str(copy), "--retries", "2", env=_via(b, port))
     assert_one_line_error(run, 1, "404", "not_found", secrets=secrets_of(b))
     assert dropper.connections == 2 and copy.exists()
+
+
+@pytest.mark.parametrize(("action", "runs"), [("revoke", 1), ("rotate", 2)])
+async def test_admin_revoke_is_not_repeated_after_a_lost_answer_rotate_is(b: RunningBroker, action: str,
+                                                                         runs: int) -> None:
+    """A second revoke would revoke the token the first one minted, which jobs may already hold;
+    a second rotation is harmless."""
+    b.remember_tokens()
+    before = b.generation()
+    dropper = AnswerDropper(b.broker.api_port, lambda: b.generation() > before)
+    async with dropper.running() as port:
+        env = job_env(b, "ops", BROKER_URL=f"https://localhost:{port}")
+        run = await broker_cli(action, "demo", "--retries", "2", env=env)
+    b.remember_tokens()
+    assert dropper.dropped == 1 and dropper.connections == runs
+    assert b.generation() == before + runs
+    if action == "revoke":
+        assert_one_line_error(run, 1, "not retried", "run broker revoke again", secrets=secrets_of(b))
+    else:
+        assert run.code == 0, run
+        assert json.loads(run.out)["generation"] == before + 2
