@@ -517,3 +517,29 @@ async def test_primary_retry_doubles_from_30s_up_to_the_renewal_interval(
     assert auth.preferred_retry_at is None
     assert _events(b, "vault_login")[-1] == ("vault_login", "approle")
     assert b.metric("broker_vault_authenticated") == 1
+
+
+@pytest.mark.parametrize("method", ["token", "approle"])
+async def test_a_quoted_credential_file_is_refused_at_login_unrepeated(tmp_path: Path, openbao: OpenBaoDevServer,
+                                                                       method: str) -> None:
+    """The same rule as broker check, at each login (the files are read again then): Vault
+    would be sent the quotes as part of the credential."""
+    from prometheus_client import CollectorRegistry
+
+    from broker.errors import AuthRejected
+    from broker.metrics import Metrics
+    from broker.vault.auth import AppRoleAuth, TokenAuth
+    from broker.vault.client import VaultClientConfig
+
+    quoted = tmp_path / "credential"
+    quoted.write_text('"Hunter2pw-6a1f0c2e"\n')
+    quoted.chmod(0o600)
+    what = "token" if method == "token" else "role_id"
+    login_with = (TokenAuth(quoted, None) if method == "token"
+                  else AppRoleAuth("approle", quoted, quoted))
+    vault = VaultClient(VaultClientConfig(address=openbao.address), Metrics(CollectorRegistry()))
+    with pytest.raises(AuthRejected) as caught:
+        await login_with.login(vault)
+    assert str(caught.value).endswith(f"{what} file {quoted} is wrapped in quotes; put only the {what} in it, "
+                                      "without quotes")
+    assert "Hunter2pw" not in str(caught.value)
