@@ -124,6 +124,17 @@ def test_directories_made_for_state_files_are_0700(tmp_path: Path) -> None:
     assert _mode(tmp_path / "var" / "state" / "families.json") == 0o600
 
 
+def test_the_state_store_makes_its_directory_and_parents_0700(tmp_path: Path) -> None:
+    from broker.tokens.store import StateStore
+
+    old_umask = os.umask(0o022)
+    try:
+        StateStore(tmp_path / "srv" / "broker" / "state").prepare()
+    finally:
+        os.umask(old_umask)
+    assert [_mode(tmp_path / p) for p in ("srv", "srv/broker", "srv/broker/state")] == [0o700] * 3
+
+
 async def test_a_broker_keeps_its_state_directory_private(brokers: BrokerFactory) -> None:
     b = await brokers.start()
     assert _mode(b.broker.config.state.dir) == 0o700

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from broker.errors import BrokerError
-from broker.files import write_atomic
+from broker.files import make_private_dir, write_atomic
 
 
 class StateCorrupt(BrokerError):
@@ -103,7 +103,7 @@ class StateStore:
         self._locks: dict[Path, asyncio.Lock] = {}
 
     def prepare(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dir(self.directory)
 
     async def _write(self, path: Path, data: bytes) -> None:
         async with self._locks.setdefault(path, asyncio.Lock()):
