@@ -107,15 +107,23 @@ async def test_get_into_a_missing_directory_starts_no_family(b: RunningBroker, t
     assert not target.parent.exists()
 
 
-async def test_get_into_a_read_only_directory_starts_no_family(b: RunningBroker, tmp_path: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root writes into a 0500 directory")
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
+async def test_get_into_a_path_under_a_file_starts_no_family(b: RunningBroker, tmp_path: Path) -> None:
+    (tmp_path / "plain").write_text("")
     before = _created(b)
-    run = await broker_cli("get", "deploy", "--refresh-file", str(locked / "f"), env=job_env(b))
-    assert_one_line_error(run, 2, "cannot write the refresh file", "Permission denied")
+    run = await broker_cli("get", "deploy", "--refresh-file", str(tmp_path / "plain" / "f"), env=job_env(b))
+    assert_one_line_error(run, 2, "cannot use", "as the refresh file", "Not a directory")
     assert _created(b) == before
+
+
+async def test_get_where_the_trial_write_fails_starts_no_family(b: RunningBroker, tmp_path: Path) -> None:
+    # The trial write is a temp file beside the target, as the real write is. A name that is
+    # legal but leaves no room for the temp file's prefix and suffix makes that write fail
+    # for any user, root included (a read-only directory would not stop root).
+    target = tmp_path / ("r" * 250)
+    before = _created(b)
+    run = await broker_cli("get", "deploy", "--refresh-file", str(target), env=job_env(b))
+    assert_one_line_error(run, 2, "cannot write the refresh file", "File name too long")
+    assert _created(b) == before and not target.exists()
 
 
 async def test_get_refuses_a_refresh_file_that_already_holds_one(b: RunningBroker, tmp_path: Path) -> None:
