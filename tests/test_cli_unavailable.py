@@ -53,20 +53,27 @@ class _Edge(random.Random):
         return b if self.top else a
 
 
-async def test_client_sleeps_what_retry_after_says_between_503s(brokers: BrokerFactory, proxy: TcpProxy) -> None:
-    b = await _without_token(brokers, proxy)
-    sleeps: list[float] = []
-    client = _client(b.pki, b.url, retries=2, sleeps=sleeps)
+def _answers_seen(client: BrokerClient, b: RunningBroker) -> list[Answer]:
+    """Every answer ``client`` gets from now on, in order (each one really sent and received;
+    also recorded for the leak scan)."""
     answers: list[Answer] = []
     once = client._once
 
-    def spy(*args: object) -> Answer:  # the real request; remembers what the broker advertised
+    def spy(*args: object) -> Answer:
         answer = once(*args)  # type: ignore[arg-type]
         answers.append(answer)
         b.record_answer(answer.status, answer.body.decode())
         return answer
 
     client._once = spy  # type: ignore[method-assign]
+    return answers
+
+
+async def test_client_sleeps_what_retry_after_says_between_503s(brokers: BrokerFactory, proxy: TcpProxy) -> None:
+    b = await _without_token(brokers, proxy)
+    sleeps: list[float] = []
+    client = _client(b.pki, b.url, retries=2, sleeps=sleeps)
+    answers = _answers_seen(client, b)
     with pytest.raises(ClientError) as failure:
         await asyncio.to_thread(client.get_token, "demo")
     assert str(failure.value).startswith(f"broker answered 503 unavailable: {UNAVAILABLE}")
@@ -124,16 +131,7 @@ async def test_client_retries_429_and_sleeps_what_retry_after_says(brokers: Brok
     sleeps: list[float] = []
     client = _client(b.pki, b.url, retries=2, sleeps=sleeps)
     b.record_answer(200, json.dumps(await asyncio.to_thread(client.get_token, "demo")))
-    answers: list[Answer] = []
-    once = client._once
-
-    def spy(*args: object) -> Answer:
-        answer = once(*args)  # type: ignore[arg-type]
-        answers.append(answer)
-        b.record_answer(answer.status, answer.body.decode())
-        return answer
-
-    client._once = spy  # type: ignore[method-assign]
+    answers = _answers_seen(client, b)
     with pytest.raises(ClientError) as failure:
         await asyncio.to_thread(client.get_token, "demo")
     assert str(failure.value).startswith("broker answered 429 rate_limited: too many requests")
