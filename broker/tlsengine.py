@@ -23,6 +23,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -105,12 +106,11 @@ def openssl_context(cfg: ServerConfig, certificates: KnownCertificates) -> SSL.C
             load(str(path))
         except (SSL.Error, OSError) as exc:
             raise CertError(f"cannot load the {what} {path}: {_reason(exc)}") from None
-        if what == "server key":
-            try:
-                ctx.check_privatekey()
-            except SSL.Error:
-                raise CertError(f"server key {cfg.key} does not match the certificate {cfg.cert}") from None
-            require_private_key(path)
+    try:
+        ctx.check_privatekey()
+    except SSL.Error:
+        raise CertError(f"server key {cfg.key} does not match the certificate {cfg.cert}") from None
+    require_private_key(cfg.key)
     store = ctx.get_cert_store()
     if store is None:  # cannot happen after load_verify_locations; refuse rather than verify loosely
         raise CertError(f"cannot use client_ca {cfg.client_ca}: OpenSSL has no certificate store")
@@ -119,7 +119,7 @@ def openssl_context(cfg: ServerConfig, certificates: KnownCertificates) -> SSL.C
     return ctx
 
 
-def _require_readable(what: str, path: object) -> None:
+def _require_readable(what: str, path: Path) -> None:
     """CertError with the operating system's reason ("No such file or directory") if ``path``
     cannot be read: for a file it cannot open, OpenSSL reports only "system lib"."""
     try:
