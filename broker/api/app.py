@@ -14,9 +14,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from aiohttp.http import HttpVersion10, HttpVersion11
+from aiohttp.http import HttpVersion11
 from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_request import BaseRequest
 
 from broker.api.authz import matching_identity
 from broker.api.ratelimit import RateLimiter
@@ -25,18 +24,13 @@ from broker.clock import Clock
 from broker.config import ProfileConfig
 from broker.errors import describe_bug
 from broker.identity import Caller
+from broker.jsonerrors import JsonErrorsServer, error_response, serve_json_errors, unsupported_version
 from broker.metrics import Metrics
 from broker.tokens.families import FamilyManager
 from broker.tokens.model import Token, TokenCache
 from broker.tokens.rotator import Rotator
 
 log = logging.getLogger("broker.api")
-
-ERROR_CODES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    406: "not_acceptable", 408: "request_timeout", 413: "payload_too_large", 415: "unsupported_media_type",
-    417: "expectation_failed", 429: "rate_limited", 431: "headers_too_large", 500: "internal", 503: "unavailable",
-}
 
 
 class TokenBodies:
@@ -112,16 +106,6 @@ MAX_REQUEST_LINE = 32 * 1024
 KEEPALIVE_TIMEOUT = 75.0  # an idle keep-alive connection is closed after this long
 
 
-def error_body(status: int, message: str, code: str | None = None) -> bytes:
-    return json.dumps({"error": code or ERROR_CODES.get(status, "error"), "message": message}).encode()
-
-
-def error_response(status: int, message: str, code: str | None = None,
-                   headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=error_body(status, message, code), headers=headers,
-                        content_type="application/json", charset="utf-8")
-
-
 class ApiError(Exception):
     """Raised by handlers; turned into the JSON error body by the middleware. ``close``: the
     connection cannot carry another request after this answer (e.g. a body left half read)."""
@@ -151,19 +135,6 @@ def _route_label(request: web.Request) -> str:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-_SERVED_VERSIONS = (HttpVersion10, HttpVersion11)
-
-
-def unsupported_version(request: web.BaseRequest) -> web.Response | None:
-    """A JSON 400 for a request that is not HTTP/1.0 or 1.1, else None. aiohttp's parser reads
-    ``HTTP/2.0`` and a bare HTTP/0.9 request line without complaint, and both would be served."""
-    if request.version in _SERVED_VERSIONS:
-        return None
-    response = error_response(400, "only HTTP/1.0 and HTTP/1.1 are served", headers={"Cache-Control": "no-store"})
-    response.force_close()
-    return response
-
 
 def _client_gone(request: web.Request) -> bool:
     transport = request.transport
@@ -209,63 +180,6 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 async def _no_store(request: web.Request, response: web.StreamResponse) -> None:
     response.headers["Cache-Control"] = "no-store"
-
-
-_PROTOCOL_ERRORS = {
-    "LineTooLong": "a header or the request line is too long",
-    "BadStatusLine": "the request line is not valid HTTP/1.x",
-    "BadHttpMethod": "the request method is not valid",
-    "InvalidHeader": "a header is malformed",
-    "InvalidURLError": "the request target is not a valid URL",
-    "TransferEncodingError": "the transfer encoding is malformed",
-    "ContentLengthError": "the Content-Length is malformed",
-}
-
-
-class JsonErrorsRequestHandler(RequestHandler):
-    """aiohttp answers malformed HTTP (oversized headers, bad request line) itself, before any
-    middleware, in plain text, and logs it as an ERROR with a traceback. Give those callers the
-    same JSON error shape and no-store as everyone else, and log one line. The parser's message
-    is never echoed: it quotes the raw bytes the client sent, which may hold a credential."""
-
-    __slots__ = ()
-
-    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
-        reason = _PROTOCOL_ERRORS.get(type(exc).__name__, "the request could not be parsed")
-        if status >= 500:
-            log.error("internal_error while parsing a request error=%s", describe_bug(exc) if exc else "?")
-            text = "internal error; the broker logged the details"
-        else:
-            log.info("http_rejected status=%d reason=%s", status, reason)
-            text = f"malformed HTTP request: {reason}"
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started; cannot send the error")
-        response = error_response(status, text, headers={"Cache-Control": "no-store"})
-        response.force_close()
-        return response
-
-
-class JsonErrorsServer(web.Server):
-    """aiohttp's server, with :class:`JsonErrorsRequestHandler` on every connection."""
-
-    def __call__(self) -> RequestHandler:
-        return JsonErrorsRequestHandler(self, loop=self._loop, **self._kwargs)
-
-
-def serve_json_errors(app: web.Application) -> None:
-    """Every runner of ``app`` serves it with :class:`JsonErrorsServer`, whichever site it is
-    started on (the ops listener uses aiohttp's own ``SockSite``). aiohttp has no public hook for
-    the handler class, so wrap the method its runner calls to build the server."""
-    make_handler = app._make_handler  # noqa: SLF001
-
-    def make(**kwargs: object) -> web.Server:
-        plain = make_handler(**kwargs)  # type: ignore[arg-type]
-        return JsonErrorsServer(plain.request_handler, request_factory=plain.request_factory,
-                                handler_cancellation=plain.handler_cancellation, loop=plain._loop,  # noqa: SLF001
-                                **plain._kwargs)  # noqa: SLF001
-
-    app._make_handler = make  # type: ignore[method-assign]  # noqa: SLF001
 
 
 def protocol_factory(runner: web.AppRunner) -> Callable[[], RequestHandler]:

@@ -34,7 +34,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD
 
-from broker.api.app import KEEPALIVE_TIMEOUT, MAX_REQUEST_LINE, ApiDeps, ApiError, error_body
+from broker.api.app import KEEPALIVE_TIMEOUT, MAX_REQUEST_LINE, ApiDeps, ApiError
+from broker.jsonerrors import error_body
 from broker.api.handlers import served_from_cache, verified_caller
 from broker.identity import Caller
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from broker.api.app import serve_json_errors, unsupported_version
+from broker.jsonerrors import serve_json_errors, unsupported_version
 from broker.clock import Clock
 from broker.metrics import Metrics
 from broker.ops.health import readiness
