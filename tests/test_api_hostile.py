@@ -186,6 +186,15 @@ async def test_malformed_http_to_the_ops_listener_is_json_and_quotes_nothing(
     await assert_still_serving(b)
 
 
+async def test_an_unknown_expect_to_the_ops_listener_is_json_and_quotes_nothing(b: RunningBroker) -> None:
+    data = await asyncio.to_thread(
+        _raw_ops, b, b"GET /healthz HTTP/1.1\r\nHost: x\r\nExpect: FAKESECRET-please\r\n\r\n")
+    assert_raw_error(b, data, 417, "expectation_failed", "only Expect header", "100-continue")
+    assert "FAKESECRET" not in data.decode("latin-1")
+    assert (await b.ops("/healthz"))[0] == 200
+    await assert_still_serving(b)
+
+
 # --- 8. HTTP versions other than 1.0 and 1.1 -----------------------------------------------
 
 @pytest.mark.parametrize("request_bytes", [

@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from aiohttp.http import HttpVersion11
 from aiohttp.web_protocol import RequestHandler
 
 from broker.api.authz import matching_identity
@@ -187,21 +186,6 @@ def protocol_factory(runner: web.AppRunner) -> Callable[[], RequestHandler]:
     server = runner.server
     assert isinstance(server, JsonErrorsServer), "runner.setup() first, on an app from make_app"
     return server
-
-
-async def expect_continue(request: web.Request) -> web.StreamResponse | None:
-    """The routes' Expect handler. aiohttp's default answers any expectation but 100-continue
-    with a plain-text 417 that quotes the header, before any middleware runs."""
-    if request.version != HttpVersion11:
-        return None  # HTTP/1.0 has no Expect (RFC 9110 10.1.1): ignored, as aiohttp does
-    if request.headers.get("Expect", "").lower() != "100-continue":
-        response = error_response(417, "the only Expect header this API supports is 100-continue",
-                                  headers={"Cache-Control": "no-store"})
-        response.force_close()  # the client may or may not send the body it announced
-        return response
-    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    request.writer.output_size = 0  # as aiohttp's own handler: the answer proper has not started
-    return None
 
 
 def make_app(deps: ApiDeps) -> web.Application:

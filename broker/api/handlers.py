@@ -9,12 +9,13 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from broker.api.app import DEPS, ApiDeps, ApiError, expect_continue
+from broker.api.app import DEPS, ApiDeps, ApiError
 from broker.api.authz import is_admin
 from broker.audit import rfc3339
 from broker.config import ProfileConfig
 from broker.errors import AuditUnavailable, CertError, FamilyNotFound, RefreshRejected, VaultError
 from broker.identity import Caller
+from broker.jsonerrors import expect_continue
 from broker.tls import peer_der, require_client_auth_eku
 from broker.tokens import policy
 from broker.tokens.families import MAX_REFRESH_TOKEN_LENGTH, FamilyManager, Issued
