@@ -193,6 +193,10 @@ def _get(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise _Usage(f"--min-ttl: {exc}") from None
     _check_env_name(args.env_name)
+    # Checked before the request: a token fetched and then not delivered is still audited as
+    # served, and on a per-job profile it starts a family nobody can refresh or release.
+    if args.output is not None:
+        _check_writable(args.output, "the --output file")
     if args.refresh_file is not None:
         _check_new_refresh_file(args.refresh_file)
     client = _client(args.retries)
@@ -247,30 +251,36 @@ def _keep_refresh_token(path: Path, body: dict[str, object]) -> None:
         raise _Failure(f"cannot write the refresh file {path}: {exc.strerror or exc}") from None
 
 
-def _check_new_refresh_file(path: Path) -> None:
-    """Before a family is started: a refresh file that cannot be written would leave a family
-    nobody can release, and overwriting one would lose an earlier family's refresh token."""
+def _check_writable(path: Path, what: str) -> os.stat_result | None:
+    """Before anything is fetched: ``path`` can take the atomic write (a temp file beside it,
+    then a rename), or a usage error naming ``what`` says why not. Its stat if it exists."""
     import tempfile
 
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        pass
+        info = None
     except OSError as exc:
-        raise _Usage(f"cannot use {path} as the refresh file: {exc.strerror or exc}") from None
-    else:
-        if not stat.S_ISREG(info.st_mode):
-            raise _Usage(f"the refresh file {path} exists and is not a regular file; pick another path")
-        if info.st_size > 0:
-            raise _Usage(f"the refresh file {path} is not empty: it may hold an earlier family's refresh token; "
-                         f"run broker release --refresh-file {shlex.quote(str(path))} first, or pick another file")
+        raise _Usage(f"cannot use {path} as {what}: {exc.strerror or exc}") from None
+    if info is not None and not stat.S_ISREG(info.st_mode):
+        raise _Usage(f"{what} {path} exists and is not a regular file; pick another path")
     if not path.parent.is_dir():
-        raise _Usage(f"cannot write the refresh file {path}: directory {path.parent} does not exist")
-    try:  # the same kind of write the real one does: a temp file beside it
+        raise _Usage(f"cannot write {what} {path}: directory {path.parent} does not exist")
+    try:  # the same kind of write the real one does
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"):
             pass
     except OSError as exc:
-        raise _Usage(f"cannot write the refresh file {path}: {exc.strerror or exc}") from None
+        raise _Usage(f"cannot write {what} {path}: {exc.strerror or exc}") from None
+    return info
+
+
+def _check_new_refresh_file(path: Path) -> None:
+    """Before a family is started: a refresh file that cannot be written would leave a family
+    nobody can release, and overwriting one would lose an earlier family's refresh token."""
+    info = _check_writable(path, "the refresh file")
+    if info is not None and info.st_size > 0:
+        raise _Usage(f"the refresh file {path} is not empty: it may hold an earlier family's refresh token; "
+                     f"run broker release --refresh-file {shlex.quote(str(path))} first, or pick another file")
 
 
 def _keep_or_release(client: BrokerClient, path: Path, body: dict[str, object]) -> None:
@@ -320,6 +330,8 @@ def _read_refresh_file(path: Path) -> dict[str, object]:
 
 def _refresh(args: argparse.Namespace) -> int:
     _check_env_name(args.env_name)
+    if args.output is not None:
+        _check_writable(args.output, "the --output file")  # before the refresh spends the old token
     kept = _read_refresh_file(args.refresh_file)
     body = _client(args.retries).refresh(str(kept["refresh_token"]))
     try:

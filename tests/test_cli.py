@@ -140,9 +140,11 @@ async def test_get_env_defaults_to_vault_token(b: RunningBroker) -> None:
 
 async def test_get_output_writes_a_0600_file_and_nothing_to_stdout(b: RunningBroker, tmp_path: Path) -> None:
     target = tmp_path / "sub" / "token.txt"
+    served = _served(b)
     missing = await broker_cli("get", "demo", "--output", str(target), env=job_env(b))
-    assert_one_line_error(missing, 1, "cannot write", "No such directory")  # a typo creates nothing
-    assert not target.parent.exists()
+    # Checked before the fetch (exit 2): a typo creates nothing and fetches nothing.
+    assert_one_line_error(missing, 2, "cannot write the --output file", str(target), "does not exist")
+    assert not target.parent.exists() and _served(b) == served
     target.parent.mkdir()
     run = await get_ok(b, "demo", "--output", str(target))
     assert run.out == ""
@@ -291,10 +293,13 @@ async def test_get_with_bad_arguments_is_a_one_line_usage_error(b: RunningBroker
     assert_one_line_error(run, 2, "--help")
 
 
-async def test_get_with_an_unwritable_output_exits_1(b: RunningBroker, tmp_path: Path) -> None:
+async def test_get_with_a_directory_as_output_fetches_nothing(b: RunningBroker, tmp_path: Path) -> None:
+    served = _served(b)
     run = await broker_cli("get", "demo", "--output", str(tmp_path), env=job_env(b))
-    line = assert_one_line_error(run, 1, "cannot write", str(tmp_path), secrets=secrets_of(b))
+    line = assert_one_line_error(run, 2, "the --output file", str(tmp_path), "not a regular file",
+                                 secrets=secrets_of(b))
     assert "Errno" not in line
+    assert _served(b) == served, "refused before the fetch: no token served that nobody receives"
 
 
 async def test_get_output_to_something_not_a_regular_file_leaves_it_alone(b: RunningBroker, tmp_path: Path) -> None:
@@ -302,8 +307,12 @@ async def test_get_output_to_something_not_a_regular_file_leaves_it_alone(b: Run
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     run = await broker_cli("get", "demo", "--output", str(fifo), env=job_env(b))
-    assert_one_line_error(run, 1, "cannot write", str(fifo), "Not a regular file", secrets=secrets_of(b))
+    assert_one_line_error(run, 2, "the --output file", str(fifo), "not a regular file", secrets=secrets_of(b))
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def _served(b: RunningBroker) -> int:
+    return sum(1 for e in b.audit_events() if e["event"] == "token_served")
 
 
 # --- admin calls ------------------------------------------------------------------------------

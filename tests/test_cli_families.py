@@ -107,6 +107,30 @@ async def test_get_into_a_missing_directory_starts_no_family(b: RunningBroker, t
     assert not target.parent.exists()
 
 
+async def test_get_with_an_output_it_cannot_write_starts_no_family(b: RunningBroker, tmp_path: Path) -> None:
+    """Without --refresh-file a family is never releasable, but it still should not be started
+    for a token that cannot be delivered."""
+    before = _created(b)
+    target = tmp_path / "typo" / "token"
+    run = await broker_cli("get", "deploy", "--output", str(target), env=job_env(b))
+    assert_one_line_error(run, 2, "cannot write the --output file", str(target), "does not exist")
+    assert _created(b) == before
+
+
+async def test_refresh_with_an_output_it_cannot_write_spends_nothing(b: RunningBroker, tmp_path: Path) -> None:
+    refresh_file = tmp_path / "deploy.refresh"
+    assert (await broker_cli("get", "deploy", "--refresh-file", str(refresh_file), env=job_env(b))).code == 0
+    kept = refresh_file.read_text()
+    run = await broker_cli("refresh", "--refresh-file", str(refresh_file), "--output", str(tmp_path / "no" / "t"),
+                           env=job_env(b))
+    assert_one_line_error(run, 2, "cannot write the --output file", "does not exist",
+                          secrets=[json.loads(kept)["refresh_token"]])
+    assert refresh_file.read_text() == kept, "the refresh token was not spent"
+    _kept(refresh_file, b)
+    assert (await broker_cli("refresh", "--refresh-file", str(refresh_file), env=job_env(b))).code == 0
+    assert (await broker_cli("release", "--refresh-file", str(refresh_file), env=job_env(b))).code == 0
+
+
 async def test_get_into_a_path_under_a_file_starts_no_family(b: RunningBroker, tmp_path: Path) -> None:
     (tmp_path / "plain").write_text("")
     before = _created(b)
