@@ -113,23 +113,22 @@ def _retry_after(deps: ApiDeps, rotator: Rotator) -> str:
     return str(max(1, math.ceil(seconds)))
 
 
-def _unavailable(deps: ApiDeps, rotator: Rotator, detail: str) -> ApiError:
+def _unavailable(deps: ApiDeps, rotator: Rotator, detail: str, min_ttl: float = 0.0) -> ApiError:
     deps.metrics.count_request(rotator.name, "unavailable")
-    return ApiError(503, f"no valid token for profile {rotator.name} right now ({detail}); retry later",
+    return ApiError(503, _unavailable_message(deps, rotator, detail, min_ttl),
                     headers={"Retry-After": _retry_after(deps, rotator)})
 
 
-def _too_short(deps: ApiDeps, rotator: Rotator, min_ttl: float, detail: str) -> ApiError | None:
-    """The 503 for a min_ttl fetch whose early rotation failed while a shorter token is still
-    valid: "no valid token" would send the caller looking for an outage that has not hit them."""
+def _unavailable_message(deps: ApiDeps, rotator: Rotator, detail: str, min_ttl: float) -> str:
+    """Why there is no token to serve. A min_ttl fetch whose early rotation failed while a
+    shorter token is still valid is told so: "no valid token" would send the caller looking for
+    an outage that has not hit them."""
     current, now = rotator.state.current, deps.clock.now()
-    if min_ttl <= 0 or current is None or not policy.is_servable(now, current):
-        return None
-    deps.metrics.count_request(rotator.name, "unavailable")
-    return ApiError(503, f"no token of profile {rotator.name} with at least {int(min_ttl)}s left right now: "
-                         f"the early rotation failed ({detail}); the current token has "
-                         f"{int(current.expires_at - now)}s left; retry later or ask for a smaller min_ttl",
-                    headers={"Retry-After": _retry_after(deps, rotator)})
+    if min_ttl > 0 and current is not None and policy.is_servable(now, current):
+        return (f"no token of profile {rotator.name} with at least {int(min_ttl)}s left right now: "
+                f"the early rotation failed ({detail}); the current token has "
+                f"{int(current.expires_at - now)}s left; retry later or ask for a smaller min_ttl")
+    return f"no valid token for profile {rotator.name} right now ({detail}); retry later"
 
 
 async def get_token(request: web.Request) -> web.Response:
@@ -146,7 +145,7 @@ async def get_token(request: web.Request) -> web.Response:
     except BeyondGrant as exc:
         raise ApiError(400, str(exc)) from None
     except VaultError as exc:
-        raise _too_short(deps, rotator, min_ttl, exc.detail) or _unavailable(deps, rotator, exc.detail) from None
+        raise _unavailable(deps, rotator, exc.detail, min_ttl) from None
     now = deps.clock.now()
     if not policy.is_servable(now, token, min_ttl):
         raise _unavailable(deps, rotator, "the last token expired and Vault has not given a new one")
