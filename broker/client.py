@@ -171,7 +171,7 @@ class BrokerClient:
             except (OSError, http.client.HTTPException) as exc:  # the request may have reached the broker
                 if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLEOFError):
                     # A TLS alert after the handshake: the broker refused this client certificate.
-                    if last or unsafe is not None:
+                    if last or unsafe is not None or _not_for_client_auth(exc):
                         raise ClientError(_tls_failed(url, exc)) from None
                 elif unsafe is not None:
                     raise ClientError(f"{_unreachable(url, attempt, exc)}; not retried: the broker may have "
@@ -271,7 +271,17 @@ class _NotSent(Exception):
         self.cause = cause
 
 
+def _not_for_client_auth(exc: ssl.SSLError) -> bool:
+    """The broker's alert for a certificate whose extendedKeyUsage lacks clientAuth: a property
+    of the certificate, so trying again cannot help."""
+    return "UNSUPPORTED_CERTIFICATE" in (exc.reason or "")
+
+
 def _tls_failed(url: str, exc: ssl.SSLError) -> str:
+    if _not_for_client_auth(exc):
+        return (f"the broker at {url} refused this client certificate: it is not issued for client "
+                "authentication (its extendedKeyUsage must include clientAuth, as `broker certs client` "
+                "issues it); check BROKER_CERT")
     return (f"TLS handshake with {url} failed ({exc.reason or exc}); the broker refused this client "
             "certificate (check BROKER_CERT and BROKER_KEY) or does not speak TLS 1.3")
 

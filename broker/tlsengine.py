@@ -61,20 +61,62 @@ class KnownCertificates:
     clientAuth, and the Caller it names — once per certificate, not once per connection: the
     jobs on a runner host present the same few certificates again and again, and parsing one
     in Python costs more than the rest of a fetch. Both are properties of the DER bytes alone;
-    the chain, validity and CA are still checked by OpenSSL in every handshake."""
+    the chain, validity and CA are still checked by OpenSSL in every handshake.
+
+    It is also the contexts' verify callback, installed with libssl's ``SSL_CTX_set_verify``
+    rather than pyOpenSSL's ``Context.set_verify``: pyOpenSSL's wrapper cannot tell OpenSSL
+    *why* it refused a certificate, so a cert without clientAuth went out as the alert
+    ``internal_error``. Here it is ``X509_V_ERR_INVALID_PURPOSE``, which OpenSSL sends as
+    ``unsupported_certificate``. An exception in the callback refuses the certificate."""
 
     LIMIT = 1024  # distinct certificates remembered
 
     def __init__(self) -> None:
         self._client_auth = functools.lru_cache(maxsize=self.LIMIT)(_has_client_auth)
         self.caller = functools.lru_cache(maxsize=self.LIMIT)(Caller.from_der)
+        # Kept here for as long as any context made with it can run a handshake.
+        self._callback = _ffi.callback("int (*)(int, X509_STORE_CTX *)", self._verify, error=0,
+                                       onerror=_verify_crashed)
 
-    def verify(self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+    def require_client_certificates(self, ctx: SSL.Context) -> None:
+        _lib.SSL_CTX_set_verify(ctx._context, _VERIFY_MODE, self._callback)  # noqa: SLF001
+
+    def _verify(self, ok: int, store: Any) -> int:
         """OpenSSL checked the chain (and, for a server, the sslclient purpose); we add that the
         leaf must *have* an EKU with clientAuth, which OpenSSL lets pass when EKU is absent."""
         if not ok:
-            return False
-        return depth > 0 or self._client_auth(crypto.dump_certificate(crypto.FILETYPE_ASN1, cert))
+            return 0
+        if _lib.X509_STORE_CTX_get_error_depth(store) > 0:
+            return 1
+        der = _der(_lib.X509_STORE_CTX_get_current_cert(store))
+        if der is not None and self._client_auth(der):
+            return 1
+        _lib.X509_STORE_CTX_set_error(store, _lib.X509_V_ERR_INVALID_PURPOSE)
+        return 0
+
+
+_VERIFY_MODE = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+
+
+def _verify_crashed(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+    log.error("tls_verify_internal_error error=%s: the client certificate is refused", exc_type.__name__)
+
+
+def _der(x509: Any) -> bytes | None:
+    """The DER encoding of an ``X509*`` OpenSSL lends us (no reference is taken or dropped)."""
+    if x509 == _ffi.NULL:
+        return None
+    bio = _lib.BIO_new(_lib.BIO_s_mem())
+    if bio == _ffi.NULL:
+        return None
+    try:
+        if _lib.i2d_X509_bio(bio, x509) != 1:
+            return None
+        data = _ffi.new("char **")
+        size = _lib.BIO_get_mem_data(bio, data)
+        return _ffi.buffer(data[0], size)[:]
+    finally:
+        _lib.BIO_free(bio)
 
 
 # OpenSSL's SSL_MODE_NO_AUTO_CHAIN (pyOpenSSL has no name for it): send the chain in the
@@ -115,7 +157,7 @@ def openssl_context(cfg: ServerConfig, certificates: KnownCertificates) -> SSL.C
     if store is None:  # cannot happen after load_verify_locations; refuse rather than verify loosely
         raise CertError(f"cannot use client_ca {cfg.client_ca}: OpenSSL has no certificate store")
     store.set_flags(crypto.X509StoreFlags.X509_STRICT)
-    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, certificates.verify)
+    certificates.require_client_certificates(ctx)
     return ctx
 
 
@@ -144,8 +186,7 @@ class _Records:
     request per TLS record that wrapper work was about a quarter of a keep-alive fetch (profile
     and bench numbers in the commit that introduced this class). This class holds the connection's ``SSL*`` and
     its two memory BIOs and reads through one scratch buffer per listener (the event loop is
-    single-threaded). The handshake, the verify callback, shutdown and every query stay on
-    pyOpenSSL's public API. Should pyOpenSSL rename these private attributes, every TLS test
+    single-threaded). The handshake, shutdown and every query stay on pyOpenSSL's public API. Should pyOpenSSL rename these private attributes, every TLS test
     fails at the first connection rather than anything going quietly wrong.
     """
 

@@ -250,6 +250,16 @@ async def test_get_with_a_client_cert_the_broker_does_not_trust_fails(b: Running
     assert_one_line_error(run, 1, b.url, "BROKER_CERT", "BROKER_KEY", secrets=secrets_of(b))
 
 
+@pytest.mark.parametrize("cert", ["no-eku", "server-only"])
+async def test_get_with_a_cert_not_issued_for_client_auth_says_so_at_once(b: RunningBroker, cert: str) -> None:
+    refused = b.metric("broker_tls_handshakes_total", outcome="failure") or 0
+    run = await broker_cli("get", "demo", "--retries", "5", env=job_env(b, cert))
+    assert_one_line_error(run, 1, b.url, "not issued for client authentication", "clientAuth", "BROKER_CERT",
+                          secrets=secrets_of(b))
+    assert b.metric("broker_tls_handshakes_total", outcome="failure") == refused + 1, "not retried"
+    await assert_still_serving(b)
+
+
 @pytest.mark.parametrize(("cert", "profile"), [("stranger", "demo"), ("job", "no-such")])
 async def test_get_forbidden_profile_exits_1_with_the_403_message(b: RunningBroker, cert: str, profile: str) -> None:
     run = await broker_cli("get", profile, env=job_env(b, cert))

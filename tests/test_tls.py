@@ -668,3 +668,45 @@ async def test_sighup_applies_the_startup_checks_and_keeps_the_old_context(
     assert [line.split(" cert=")[0] for line in await _sighup(b, log_lines)] == ["INFO broker.service tls_reloaded"]
     assert b.broker.tls_context.current is not before
     await assert_still_serving(b)
+
+
+def _handshake_in_memory(pki: Pki, certificates: KnownCertificates, client: str = "job") -> None:
+    """A full TLS 1.3 handshake between a stdlib client and the openssl engine's context, over
+    memory buffers; raises the server's SSL.Error if it refuses."""
+    from OpenSSL import SSL
+
+    server = SSL.Connection(openssl_context(pki.config(), certificates), None)
+    server.set_accept_state()
+    cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    cctx.load_verify_locations(pki.ca)
+    cctx.load_cert_chain(pki.dir / f"{client}.pem", pki.dir / f"{client}.key")
+    into_client, from_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    conn = cctx.wrap_bio(into_client, from_client, server_hostname="localhost")
+    for _ in range(4):
+        with contextlib.suppress(ssl.SSLWantReadError):
+            conn.do_handshake()
+        if from_client.pending:
+            server.bio_write(from_client.read())
+        try:
+            server.do_handshake()
+            return
+        except SSL.WantReadError:
+            pass
+        with contextlib.suppress(SSL.WantReadError):
+            into_client.write(server.bio_read(65536))
+    raise AssertionError("the handshake did not finish")
+
+
+def test_a_crash_in_the_verify_callback_refuses_the_certificate(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    from OpenSSL import SSL
+
+    _handshake_in_memory(pki, KnownCertificates())  # the control: this client is accepted
+
+    def crash(der: bytes) -> bool:
+        raise RuntimeError("boom")
+
+    certificates = KnownCertificates()
+    certificates._client_auth = crash  # type: ignore[method-assign]  # noqa: SLF001
+    with caplog.at_level(logging.ERROR, logger="broker.tls"), pytest.raises(SSL.Error, match="certificate verify failed"):
+        _handshake_in_memory(pki, certificates)
+    assert "tls_verify_internal_error error=RuntimeError: the client certificate is refused" in caplog.text

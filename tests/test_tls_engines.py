@@ -130,3 +130,16 @@ async def test_stdlib_engine_serves_and_answers_no_eku_with_403(brokers: BrokerF
     with pytest.raises(aiohttp.ClientError):  # serverAuth-only: refused in the handshake on both engines
         await b.request("GET", "/v1/whoami", cert="server-only")
     assert (await b.get_token())["profile"] == "demo"
+
+
+@pytest.mark.parametrize("name", ["no-eku", "server-only"])
+async def test_a_cert_without_client_auth_gets_the_alert_unsupported_certificate(brokers: BrokerFactory,
+                                                                                 name: str) -> None:
+    """No EKU at all (OpenSSL would let it pass) and an EKU without clientAuth (OpenSSL refuses
+    it) get the same alert, which names the problem; before, the first got internal_error."""
+    b = await brokers.start()
+    with pytest.raises(SSL.Error, match="alert unsupported certificate"):
+        await asyncio.to_thread(_fetch_with, _openssl_client(b.pki, "TLS_AES_128_GCM_SHA256", name=name),
+                                b.broker.api_port)
+    assert b.metric("broker_tls_handshakes_total", outcome="failure") == 1
+    assert (await b.get_token())["profile"] == "demo"
