@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 from aiohttp.http import HttpVersion10, HttpVersion11
@@ -95,29 +95,37 @@ class JsonErrorsServer(web.Server):
 
 def serve_json_errors(app: web.Application) -> None:
     """Every runner of ``app`` serves it with :class:`JsonErrorsServer`, whichever site it is
-    started on (the ops listener uses aiohttp's own ``SockSite``). aiohttp has no public hook for
+    started on (the ops listener uses aiohttp's own ``SockSite``), and refuses an unmet
+    ``Expect`` before routing (:func:`refuse_unmet_expectation`). aiohttp has no public hook for
     the handler class, so wrap the method its runner calls to build the server."""
     make_handler = app._make_handler  # noqa: SLF001
 
     def make(**kwargs: object) -> web.Server:
         plain = make_handler(**kwargs)  # type: ignore[arg-type]
-        return JsonErrorsServer(plain.request_handler, request_factory=plain.request_factory,
+        return JsonErrorsServer(_meeting_expectations(plain.request_handler), request_factory=plain.request_factory,
                                 handler_cancellation=plain.handler_cancellation, loop=plain._loop,  # noqa: SLF001
                                 **plain._kwargs)  # noqa: SLF001
 
     app._make_handler = make  # type: ignore[method-assign]  # noqa: SLF001
 
 
-async def expect_continue(request: web.Request) -> web.StreamResponse | None:
-    """The routes' Expect handler. aiohttp's default answers any expectation but 100-continue
-    with a plain-text 417 that quotes the header, before any middleware runs."""
-    if request.version != HttpVersion11:
+def _meeting_expectations(handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]]
+                          ) -> Callable[[BaseRequest], Awaitable[web.StreamResponse]]:
+    async def handle(request: BaseRequest) -> web.StreamResponse:
+        return refuse_unmet_expectation(request) or await handler(request)
+
+    return handle
+
+
+def refuse_unmet_expectation(request: BaseRequest) -> web.Response | None:
+    """A JSON 417 for an ``Expect`` other than 100-continue, else None. It runs before routing
+    because aiohttp's own answer — a plain-text 417 quoting the header — comes from the route's
+    Expect handler, which a path or method that does not exist has no way to replace.
+    100-continue is left to aiohttp, which answers it once a route takes the request."""
+    expectation = request.headers.get("Expect")
+    if expectation is None or request.version != HttpVersion11 or expectation.lower() == "100-continue":
         return None  # HTTP/1.0 has no Expect (RFC 9110 10.1.1): ignored, as aiohttp does
-    if request.headers.get("Expect", "").lower() != "100-continue":
-        response = error_response(417, "the only Expect header served here is 100-continue",
-                                  headers={"Cache-Control": "no-store"})
-        response.force_close()  # the client may or may not send the body it announced
-        return response
-    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    request.writer.output_size = 0  # as aiohttp's own handler: the answer proper has not started
-    return None
+    response = error_response(417, "the only Expect header served here is 100-continue",
+                              headers={"Cache-Control": "no-store"})
+    response.force_close()  # the client may or may not send the body it announced
+    return response

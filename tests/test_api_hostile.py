@@ -117,7 +117,8 @@ async def test_deeply_nested_json_is_400_not_500(b: RunningBroker, body: bytes) 
 # --- 3. Expect headers ---------------------------------------------------------------------
 
 @pytest.mark.parametrize(("method", "path"), [("POST", "/v1/refresh"), ("POST", "/v1/tokens/demo/rotate"),
-                                              ("GET", "/v1/whoami"), ("GET", "/v1/tokens/demo")])
+                                              ("GET", "/v1/whoami"), ("GET", "/v1/tokens/demo"),
+                                              ("GET", "/v1/no-such-route"), ("PUT", "/v1/whoami")])
 async def test_an_unknown_expectation_is_a_json_417_that_echoes_nothing(b: RunningBroker, method: str,
                                                                         path: str) -> None:
     answer = await raw(b, method, path, headers={"Expect": "<script>FAKESECRET</script>"})
@@ -186,9 +187,10 @@ async def test_malformed_http_to_the_ops_listener_is_json_and_quotes_nothing(
     await assert_still_serving(b)
 
 
-async def test_an_unknown_expect_to_the_ops_listener_is_json_and_quotes_nothing(b: RunningBroker) -> None:
+@pytest.mark.parametrize("head", [b"GET /healthz", b"GET /no-such-route", b"DELETE /metrics"])
+async def test_an_unknown_expect_to_the_ops_listener_is_json_and_quotes_nothing(b: RunningBroker, head: bytes) -> None:
     data = await asyncio.to_thread(
-        _raw_ops, b, b"GET /healthz HTTP/1.1\r\nHost: x\r\nExpect: FAKESECRET-please\r\n\r\n")
+        _raw_ops, b, head + b" HTTP/1.1\r\nHost: x\r\nExpect: FAKESECRET-please\r\n\r\n")
     assert_raw_error(b, data, 417, "expectation_failed", "only Expect header", "100-continue")
     assert "FAKESECRET" not in data.decode("latin-1")
     assert (await b.ops("/healthz"))[0] == 200

@@ -15,7 +15,6 @@ from broker.audit import rfc3339
 from broker.config import ProfileConfig
 from broker.errors import AuditUnavailable, CertError, FamilyNotFound, RefreshRejected, VaultError
 from broker.identity import Caller
-from broker.jsonerrors import expect_continue
 from broker.tls import peer_der, require_client_auth_eku
 from broker.tokens import policy
 from broker.tokens.families import MAX_REFRESH_TOKEN_LENGTH, FamilyManager, Issued
@@ -373,4 +372,4 @@ def add_routes(app: web.Application) -> None:
         ("DELETE", "/v1/families/{family}", release_family),
     ]
     for method, path, handler in routes:
-        app.router.add_route(method, path, handler, expect_handler=expect_continue)
+        app.router.add_route(method, path, handler)

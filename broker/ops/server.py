@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from broker.jsonerrors import expect_continue, serve_json_errors, unsupported_version
+from broker.jsonerrors import serve_json_errors, unsupported_version
 from broker.clock import Clock
 from broker.metrics import Metrics
 from broker.ops.health import readiness
@@ -62,5 +62,5 @@ def make_ops_app(deps: OpsDeps) -> web.Application:
     # API listener's JSON error, which never quotes the request, and no traceback in the log.
     serve_json_errors(app)
     for path, handler in (("/healthz", healthz), ("/readyz", readyz), ("/metrics", metrics)):
-        app.router.add_get(path, handler, expect_handler=expect_continue)
+        app.router.add_get(path, handler)
     return app
