@@ -14,7 +14,6 @@ import http.client
 import json
 import math
 import random
-import re
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -22,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
-from broker.errors import BrokerError, CertError
+from broker.errors import BrokerError, CertError, url_without_secrets
 from broker.tls import client_context
 
 DEFAULT_URL = "https://localhost:8443"
@@ -60,18 +59,10 @@ class ClientConfig:
                    ca=paths["BROKER_CA"], retries=retries)
 
 
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)?[^/?#]*@")
-
-
-def _shown(url: str) -> str:
-    """``url`` fit for a message: a password in it must never reach a CI log."""
-    return _USERINFO.sub(r"\1…@", url)
-
-
 def _checked_url(url: str) -> str:
     """``url`` if it is ``https://host[:port][/]``; a usage error naming the problem otherwise."""
     def bad(problem: str) -> ClientError:
-        return ClientError(f"BROKER_URL {_shown(url)!r} {problem}", exit_code=2)
+        return ClientError(f"BROKER_URL {url_without_secrets(url)!r} {problem}", exit_code=2)
 
     try:
         parts = urlsplit(url)
@@ -153,7 +144,7 @@ class BrokerClient:
         without a restart in between; otherwise a repeat is reuse and revokes the family."""
         data = json.dumps(payload).encode() if payload is not None else None
         attempts = max(0, self._config.retries) + 1
-        url = _shown(self._config.url)
+        url = url_without_secrets(self._config.url)
         lost_answer = False
         for attempt in range(1, attempts + 1):
             last = attempt == attempts

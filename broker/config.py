@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from broker.errors import ConfigError
+from broker.errors import ConfigError, url_without_secrets
 
 DEFAULT_CIPHERSUITES = ("TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256")
 TLS13_CIPHERSUITES = (
@@ -816,7 +816,7 @@ def _vault_address(r: _Reader) -> str:
     address = r.string("address")
     if "address" in r.failed:
         return address
-    problem = f"{_shown(_without_secrets(address))} is not an http:// or https:// URL; use e.g. https://vault.example:8200"
+    problem = f"{_shown(url_without_secrets(address))} is not an http:// or https:// URL; use e.g. https://vault.example:8200"
     try:
         parts = urlsplit(address)
         parts.port  # noqa: B018 - raises ValueError for a bad port
@@ -833,18 +833,6 @@ def _vault_address(r: _Reader) -> str:
         r.report("address", "has a query ('?…') or fragment ('#…') (not shown: it may hold a token); "
                             "use only scheme://host:port, with a path if Vault sits under one")
     return address.rstrip("/")
-
-
-def _without_secrets(address: str) -> str:
-    """``address`` for a message: user info, query and fragment cut out (they may be secrets)."""
-    address = address.partition("?")[0].partition("#")[0]
-    scheme, sep, rest = address.partition("://")
-    if not sep:
-        scheme, rest = "", address
-    netloc, slash, path = rest.partition("/")
-    if "@" in netloc:
-        netloc = "…@" + netloc.rpartition("@")[2]
-    return f"{scheme}{sep}{netloc}{slash}{path}"
 
 
 def _is_loopback(host: str) -> bool:

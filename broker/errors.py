@@ -87,3 +87,18 @@ def describe_bug(exc: BaseException) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-6:]))
     return f"{type(exc).__name__} at {where or '?'}"
+
+
+def url_without_secrets(url: str) -> str:
+    """``url`` fit for a message: whatever precedes an ``@`` after the scheme (user info, maybe a
+    password), and the text of a query or fragment (maybe a token), become "…". Cut by text, not
+    by parsing: a URL that does not parse must not leak either."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" in rest:
+        rest = "…@" + rest.rpartition("@")[2]
+    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=-1)
+    if cut >= 0:
+        rest = rest[:cut + 1] + "…"
+    return f"{scheme}{sep}{rest}"

@@ -207,14 +207,20 @@ async def test_get_with_a_key_that_does_not_match_the_cert_is_a_usage_error(b: R
     assert_one_line_error(run, 2, "does not match")
 
 
-@pytest.mark.parametrize(("url", "problem"), [
-    ("http://localhost:8443", "https://"), ("https://localhost:notaport", "not a valid URL"),
-    ("https://[::1", "not a valid URL"), ("https://localhost:8443/v1", "no path, query or fragment"),
-    ("https://localhost:8443/?", "no path, query or fragment"), ("https://localhost:8443#x", "no path"),
+@pytest.mark.parametrize(("url", "shown", "problem"), [
+    ("http://localhost:8443", "http://localhost:8443", "https://"),
+    ("https://localhost:notaport", "https://localhost:notaport", "not a valid URL"),
+    ("https://[::1", "https://[::1", "not a valid URL"),
+    ("https://localhost:8443/v1", "https://localhost:8443/v1", "no path, query or fragment"),
+    ("https://localhost:8443/?", "https://localhost:8443/?…", "no path, query or fragment"),
+    ("https://localhost:8443#x", "https://localhost:8443#…", "no path"),
+    ("https://localhost:8443/?token=s.FAKESECRET", "https://localhost:8443/?…", "no path, query or fragment"),
+    ("https://localhost:8443#s.FAKESECRET", "https://localhost:8443#…", "no path, query or fragment"),
 ])
-async def test_get_with_a_bad_broker_url_is_a_usage_error(b: RunningBroker, url: str, problem: str) -> None:
+async def test_get_with_a_bad_broker_url_is_a_usage_error(b: RunningBroker, url: str, shown: str, problem: str) -> None:
+    """The URL is repeated as far as it cannot be a secret: a query or fragment may hold a token."""
     run = await broker_cli("get", "demo", env=job_env(b, BROKER_URL=url))
-    assert_one_line_error(run, 2, "BROKER_URL", repr(url), problem)
+    assert_one_line_error(run, 2, "BROKER_URL", repr(shown), problem, secrets=["FAKESECRET"])
 
 
 @pytest.mark.parametrize("userinfo", ["ci-user:s3cr3t-pw@", "s3cr3t-pw@", "ci-user:s3cr3t-pw@[::1"])

@@ -20,7 +20,7 @@ from broker.config import (
     load_config,
     parse_duration,
 )
-from broker.errors import ConfigError
+from broker.errors import ConfigError, url_without_secrets
 
 # Mirrors DESIGN §5, minus rotate_after (so the default is exercised) and with a per-job profile.
 VALID = """\
@@ -1010,8 +1010,21 @@ def test_vault_address_with_query_or_fragment_is_refused_unrepeated(
 
 def test_a_bad_vault_address_is_shown_without_user_info_or_query(tmp_path: Path) -> None:
     problem = _only_problem(tmp_path, _mutated('"http://127.0.0.1:8200"', '"ftp://u:Hunter2pw@vault/x?Hunter2pw"'))
-    assert problem == ("vault.address: 'ftp://…@vault/x' is not an http:// or https:// URL; "
+    assert problem == ("vault.address: 'ftp://…@vault/x?…' is not an http:// or https:// URL; "
                        "use e.g. https://vault.example:8200")
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("https://vault.example:8200/v1", "https://vault.example:8200/v1"),
+    ("https://user:Hunter2pw@host:1", "https://…@host:1"),
+    ("https://user:Hunter2?pw@host", "https://…@host"),  # a "?" inside the password: not a query
+    ("https://host/?token=Hunter2pw", "https://host/?…"),
+    ("https://host#Hunter2pw?x", "https://host#…"),
+    ("user:Hunter2pw@host", "…@host"),  # no scheme: everything before "@" may be user info
+    ("https://[::1", "https://[::1"),
+])
+def test_url_without_secrets_cuts_by_text(url: str, shown: str) -> None:
+    assert url_without_secrets(url) == shown
 
 
 @pytest.mark.parametrize(("key", "file", "what"), [
