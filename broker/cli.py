@@ -21,6 +21,7 @@ from broker.errors import BrokerError, CertError, ConfigError
 
 if TYPE_CHECKING:
     from broker.client import BrokerClient
+    from broker.config import Config
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 # A POSIX shell variable name (str.isidentifier would also admit "é" or "ünïcode").
@@ -138,15 +139,26 @@ def _dev(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from broker.config import check_config
+    from broker.config import load_config
 
-    problems = check_config(args.config)
-    for problem in problems:
-        print(_in_file(args.config, problem), file=sys.stderr)
-    if problems:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(_in_file(args.config, problem), file=sys.stderr)
         return EXIT_USAGE
+    for note in _unset_token_envs(config):
+        print(_in_file(args.config, note), file=sys.stderr)
     print(f"{args.config}: ok")
     return EXIT_OK
+
+
+def _unset_token_envs(config: Config) -> list[str]:
+    """A note for each ``token_env`` unset here. Not a problem: ``check`` often runs in another
+    environment than the service; but when it is the same one, ``serve`` could not log in with it."""
+    return [f"note: vault.auth[{i}].token_env: {auth.token_env} is not set in this environment; `broker serve` "
+            "reads it from its own (e.g. systemd Environment= or EnvironmentFile=), so make sure it is set there"
+            for i, auth in enumerate(config.vault.auth) if auth.token_env and not os.environ.get(auth.token_env)]
 
 
 def _in_file(config: Path, problem: str) -> str:

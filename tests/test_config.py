@@ -1064,3 +1064,19 @@ def test_grace_longer_than_ttl_says_so(tmp_path: Path, capsys: pytest.CaptureFix
         "profiles.deploy.grace: 2h is not shorter than ttl 1h: the previous token would expire before its grace "
         "ends; lower grace or raise ttl"
     ]
+
+
+def test_check_notes_a_token_env_unset_here_but_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`broker check` often runs where the service's environment is not: a note, exit 0."""
+    config = _setup(tmp_path, _mutated('token_file = "secrets/token"', 'token_env = "BROKER_TEST_TOKEN"'))
+    monkeypatch.delenv("BROKER_TEST_TOKEN", raising=False)
+    assert broker_main(["check", "--config", str(config)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{config}: ok\n"
+    assert err == (f"{config}: note: vault.auth[1].token_env: BROKER_TEST_TOKEN is not set in this environment; "
+                   "`broker serve` reads it from its own (e.g. systemd Environment= or EnvironmentFile=), so make "
+                   "sure it is set there\n")
+    monkeypatch.setenv("BROKER_TEST_TOKEN", "x" * 20)
+    assert broker_main(["check", "--config", str(config)]) == 0
+    assert capsys.readouterr() == (f"{config}: ok\n", "")
