@@ -1071,23 +1071,25 @@ def _rotate_after(r: _Reader, ttl: float, grace: float, explicit: float | None) 
 # --- loading ----------------------------------------------------------------------------------
 
 
-def _read_toml(source: Path, problems: list[str]) -> dict[str, Any] | None:
+def _read_toml(source: Path, problems: list[str], shown: Path) -> dict[str, Any] | None:
+    """The document, or None with the problem in ``problems``, naming the file as ``shown``
+    (the path as the user gave it, as every other line of ``broker check`` does)."""
     try:
         with source.open("rb") as handle:
             return tomllib.load(handle)
     except FileNotFoundError:
-        problems.append(f"{source}: config file does not exist")
+        problems.append(f"{shown}: config file does not exist")
     except IsADirectoryError:
-        problems.append(f"{source}: is a directory, not a config file")
+        problems.append(f"{shown}: is a directory, not a config file")
     except tomllib.TOMLDecodeError as exc:
-        problems.append(f"{source}: invalid TOML: {exc}")
+        problems.append(f"{shown}: invalid TOML: {exc}")
     except UnicodeDecodeError:
-        problems.append(f"{source}: invalid TOML: the file is not UTF-8 text")
+        problems.append(f"{shown}: invalid TOML: the file is not UTF-8 text")
     except RecursionError:
         # tomllib parses nested arrays and inline tables recursively.
-        problems.append(f"{source}: invalid TOML: arrays or inline tables are nested too deeply")
+        problems.append(f"{shown}: invalid TOML: arrays or inline tables are nested too deeply")
     except OSError as exc:
-        problems.append(f"{source}: cannot read config file: {exc.strerror or exc}")
+        problems.append(f"{shown}: cannot read config file: {exc.strerror or exc}")
     return None
 
 
@@ -1121,7 +1123,7 @@ def load_config(path: Path | str) -> Config:
     """
     source = Path(os.path.abspath(path))  # abspath, not resolve: a symlinked config keeps its own dir
     problems: list[str] = []
-    document = _read_toml(source, problems)
+    document = _read_toml(source, problems, Path(path))
     if document is None:
         raise ConfigError(problems)
     _scan_for_literal_secrets(document, problems)

@@ -1080,3 +1080,18 @@ def test_check_notes_a_token_env_unset_here_but_passes(tmp_path: Path, capsys: p
     monkeypatch.setenv("BROKER_TEST_TOKEN", "x" * 20)
     assert broker_main(["check", "--config", str(config)]) == 0
     assert capsys.readouterr() == (f"{config}: ok\n", "")
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    ("[server\n", "invalid TOML: Expected ']' at the end of a table declaration (at line 1, column 8)"),
+    (None, "config file does not exist"),
+])
+def test_file_problems_name_the_config_as_given(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch, content: str | None,
+                                                problem: str) -> None:
+    """Like every key's problem (`broker.toml: server.listen: ...`), not as an absolute path."""
+    monkeypatch.chdir(tmp_path)
+    if content is not None:
+        (tmp_path / "broker.toml").write_text(content)
+    assert broker_main(["check", "--config", "broker.toml"]) == 2
+    assert capsys.readouterr() == ("", f"broker.toml: {problem}\n")
