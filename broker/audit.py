@@ -92,18 +92,42 @@ class AuditLog:
         """Open for appending; a failure here is reported like a failed write, not fatal,
         so the broker starts, says what is wrong, and recovers once the file is writable."""
         try:
-            make_private_dir(self.path.parent)
-            if repair_torn_tail(self.path):
-                log.warning("audit_repaired path=%s reason=partial last line from an interrupted write was removed",
-                            self.path)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            if stat.S_ISREG(os.fstat(self._fd).st_mode):
-                os.fchmod(self._fd, 0o600)
+            self._fd = self._open_path()
             self.healthy = True
         except OSError as exc:
             self._fd = None
             self.healthy = False
             log.error("audit_open_failed path=%s error=%s", self.path, exc.strerror or exc)
+
+    def reopen(self) -> None:
+        """Write to whatever file is at ``path`` now (SIGHUP, after logrotate renamed the old
+        one). The old descriptor is closed only once the new one is open, so no event is lost;
+        if the new one cannot be opened, events keep going where they went."""
+        try:
+            fd = self._open_path()
+        except OSError as exc:
+            log.error("audit_reopen_failed path=%s error=%s action=writing to the file already open",
+                      self.path, exc.strerror or exc)
+            return
+        old, self._fd = self._fd, fd
+        if old is not None:
+            os.close(old)
+        self.healthy = True
+        log.info("audit_reopened path=%s", self.path)
+
+    def _open_path(self) -> int:
+        make_private_dir(self.path.parent)
+        if repair_torn_tail(self.path):
+            log.warning("audit_repaired path=%s reason=partial last line from an interrupted write was removed",
+                        self.path)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.fchmod(fd, 0o600)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
 
     def _timestamp(self) -> str:
         """rfc3339(now), with the part before the milliseconds formatted once per second:

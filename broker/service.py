@@ -102,6 +102,12 @@ class Broker:
     ops_port: int = 0
     _runners: list[web.AppRunner] = field(default_factory=list)
 
+    def reload(self) -> None:
+        """SIGHUP: new certificates for new connections, and the audit log reopened at its path
+        (logrotate's rename-and-create rotation)."""
+        self.reload_tls()
+        self.audit.reopen()
+
     def reload_tls(self) -> None:
         try:
             self.tls_context.reload()
@@ -242,13 +248,14 @@ def install_uvloop() -> None:
 
 
 async def serve_until_signalled(broker: Broker, on_started: Callable[[Broker], None] | None = None) -> None:
-    """Run until SIGTERM/SIGINT; SIGHUP reloads the TLS certificate and client CA."""
+    """Run until SIGTERM/SIGINT; SIGHUP reloads the TLS certificate and client CA and reopens
+    the audit log."""
     tune_interpreter()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, broker.reload_tls)
+    loop.add_signal_handler(signal.SIGHUP, broker.reload)
     try:
         await broker.run(stop, on_started)
     finally:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 from pathlib import Path
+
+import pytest
 
 from broker.audit import AuditLog, repair_torn_tail
 from tests.conftest import BrokerFactory, token_is_valid
@@ -24,6 +27,30 @@ def test_events_are_json_lines_mode_0600(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert AUDIT_KEYS <= set(lines[0]) and lines[0]["generation"] == 3 and lines[0]["ts"].endswith("Z")
     assert lines[1]["method"] == "approle"
+
+
+def test_reopen_moves_to_a_new_file_and_keeps_the_old_one_if_it_cannot(tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path, FakeClock())
+    audit.open()
+    audit.event("vault_login", method="approle")
+    path.rename(tmp_path / "audit.jsonl.1")
+    audit.reopen()
+    audit.event("token_minted", profile="demo")
+    assert [json.loads(line)["event"] for line in path.read_text().splitlines()] == ["token_minted"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+    path.rename(tmp_path / "audit.jsonl.2")
+    path.mkdir()  # nothing can be opened at the path now
+    with caplog.at_level(logging.ERROR, logger="broker.audit"):
+        audit.reopen()
+    assert "audit_reopen_failed" in caplog.text and "writing to the file already open" in caplog.text
+    audit.event("token_rotated", profile="demo")  # still written, to the file already open
+    assert audit.healthy
+    audit.close()
+    assert [json.loads(line)["event"] for line in (tmp_path / "audit.jsonl.2").read_text().splitlines()] == [
+        "token_minted", "token_rotated"]
 
 
 def test_unknown_event_names_are_refused(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import signal
 import socket
@@ -86,3 +87,36 @@ async def test_serve_refuses_to_start_with_a_group_readable_secret(
     assert proc.returncode == 2 and out == b""
     assert len(lines) == 1 and "secret_id" in lines[0] and "chmod 600" in lines[0], lines
     assert "Traceback" not in err.decode()
+
+
+async def test_sighup_reopens_the_audit_log_after_logrotate_renamed_it(
+    tmp_path: Path, pki: Pki, openbao: OpenBaoDevServer
+) -> None:
+    """logrotate's default rotation: rename the file, then SIGHUP. Events before the signal go
+    to the renamed file (the descriptor follows it), events after it to a new 0600 file."""
+    serve = serve_config(tmp_path, pki, openbao, "reopen", {"ttl": "30s", "grace": "5s", "rotate_after": "20s"})
+    await serve.start()
+    assert serve.proc is not None
+    try:
+        assert (await serve.request("/v1/tokens/demo"))[0] == 200
+        rotated = serve.audit_path.with_name("audit.jsonl.1")
+        serve.audit_path.rename(rotated)
+        assert (await serve.request("/v1/tokens/demo"))[0] == 200  # before the signal: still the old file
+        served_before = _events(rotated).count("token_served")
+        serve.proc.send_signal(signal.SIGHUP)
+        for _ in range(100):
+            if serve.audit_path.exists():
+                break
+            await asyncio.sleep(0.05)
+        assert (await serve.request("/v1/tokens/demo"))[0] == 200
+        assert _events(serve.audit_path) == ["token_served"]
+        assert _events(rotated).count("token_served") == served_before == 2
+        assert serve.audit_path.stat().st_mode & 0o777 == 0o600
+        assert "audit_reopened" in serve.stderr_path.read_text()
+        serve.assert_no_leaks()
+    finally:
+        await serve.stop()
+
+
+def _events(path: Path) -> list[str]:
+    return [json.loads(line)["event"] for line in path.read_text().splitlines()]

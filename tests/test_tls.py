@@ -628,7 +628,7 @@ async def _sighup(b: RunningBroker, log_lines: list[str]) -> list[str]:
     """Send this process a real SIGHUP, handled as `broker serve` does; the reload's log lines."""
     seen = len(log_lines)
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGHUP, b.broker.reload_tls)
+    loop.add_signal_handler(signal.SIGHUP, b.broker.reload)
     try:
         os.kill(os.getpid(), signal.SIGHUP)
         await b.wait_for(lambda: any("tls_reload" in line for line in log_lines[seen:]), what="the reload")
