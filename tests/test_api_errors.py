@@ -73,10 +73,14 @@ async def test_profile_allowed_to_someone_else_is_403(b: RunningBroker) -> None:
 
 # --- routing: unknown path, wrong method, oversized body -----------------------------------
 
-@pytest.mark.parametrize("path", ["/v1/nope", "/", "/v1/tokens/demo/extra/segments", "/v2/tokens/demo"])
-async def test_unknown_route_is_404_json(b: RunningBroker, path: str) -> None:
-    answer = await raw(b, "GET", path)
-    assert_error(answer, 404, "not_found", "/v1/tokens/{profile}")
+@pytest.mark.parametrize(("method", "path"), [("GET", "/v1/nope"), ("GET", "/"), ("GET", "/v1/tokens/demo/extra/segments"),
+                                              ("GET", "/v2/tokens/demo"), ("DELETE", "/v1/families/x/"),
+                                              ("DELETE", "/v1/families")])
+async def test_unknown_route_is_404_json_naming_every_route(b: RunningBroker, method: str, path: str) -> None:
+    answer = await raw(b, method, path)
+    assert_error(answer, 404, "not_found", "GET /v1/tokens/{profile}, GET /v1/tokens, GET /v1/whoami",
+                 "POST /v1/tokens/{profile}, POST /v1/tokens/{profile}/rotate, POST /v1/tokens/{profile}/revoke",
+                 "POST /v1/refresh, DELETE /v1/families/{family}")
     await assert_still_serving(b)
 
 

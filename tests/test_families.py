@@ -14,6 +14,8 @@ from typing import Any
 
 import hvac
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.conftest import BrokerFactory, RunningBroker, assert_error, assert_still_serving, raw, token_is_valid
 from tests.fakes import FakeClock
@@ -26,11 +28,11 @@ PER_JOB = {"mode": "per-job", "ttl": "60s", "grace": "3s", "rotate_after": "40s"
 SLOW = {**PER_JOB, "ttl": "1h", "grace": "10m", "rotate_after": "40m"}
 FAMILY_KEYS = {"profile", "token", "expires_at", "refresh_token", "refresh_expires_at", "family", "generation"}
 INVALID = "unknown refresh token, or its family has ended"
-REUSED = "this refresh token was already used, so the whole token family has been revoked"
+REUSED = "this refresh token was used before, or presented from another client certificate, so the whole token family has been revoked"
 
 
-async def _create(b: RunningBroker, cert: str = "job") -> dict[str, Any]:
-    status, body, headers = await b.request("POST", "/v1/tokens/deploy", cert=cert)
+async def _create(b: RunningBroker, cert: str = "job", profile: str = "deploy") -> dict[str, Any]:
+    status, body, headers = await b.request("POST", f"/v1/tokens/{profile}", cert=cert)
     assert status == 200, body
     b.seen_secrets.add(body["refresh_token"])
     assert headers.get("Cache-Control") == "no-store", "the answer carries a token and a refresh token"
@@ -148,6 +150,9 @@ async def test_live_refresh_token_from_another_certificate_revokes_the_family(br
     await _assert_family_revoked(b, [first])
     reuse = _events(b, "reuse_detected")[0]
     assert reuse["identity"] == "cn:job-other" and reuse["same_certificate"] is False
+    # Which certificate presented it, even when two share a name (openssl x509 -fingerprint -sha256).
+    other_der = x509.load_pem_x509_certificate(b.pki.pair("job-other")[0].read_bytes()).public_bytes(Encoding.DER)
+    assert reuse["certificate_fp"] == hashlib.sha256(other_der).hexdigest()[:16]
 
 
 async def test_bad_refresh_requests(brokers: BrokerFactory) -> None:
@@ -182,7 +187,7 @@ async def test_release_revokes_the_family_only_for_its_own_certificate(brokers: 
     foreign = await raw(b, "DELETE", f"/v1/families/{first['family']}", cert="job-other")
     assert_error(foreign, 404, "not_found", f"no live token family {first['family']!r} for this client certificate")
     unknown = await raw(b, "DELETE", "/v1/families/fam_unknown")
-    assert_error(unknown, 404, "not_found", "no live token family 'fam_unknown' for this client certificate")
+    assert_error(unknown, 404, "not_found", "no live token family with that id for this client certificate")
     assert token_is_valid(b.vault, second["token"])
     await _assert_still_serving(b)
     status, body, _ = await b.request("DELETE", f"/v1/families/{first['family']}")
@@ -341,7 +346,7 @@ async def test_unknown_family_ids_leave_no_lock_behind(brokers: BrokerFactory) -
     for i in range(20):
         await _refused(b, f"fam_guess{i}.secret", "refresh_token_invalid", INVALID)
         answer = await raw(b, "DELETE", f"/v1/families/fam_guess{i}")
-        assert_error(answer, 404, "not_found", f"no live token family 'fam_guess{i}' for this client certificate")
+        assert_error(answer, 404, "not_found", "no live token family with that id for this client certificate")
     assert manager.lock_count == 0, "a lock per guessed family id is memory anyone with a cert can fill"
     first = await _create(b)
     _, second = await _refresh(b, first["refresh_token"])
@@ -396,9 +401,12 @@ async def test_a_generation_the_state_dir_cannot_record_is_revoked_not_served(br
                                    ("POST", "/v1/refresh", {"refresh_token": first["refresh_token"]})):
             answer = await raw(b, method, path, json=body)
             assert_error(answer, 503, "unavailable", "the broker cannot write its state directory")
-        events = [e["event"] for e in b.audit_events()]
-        assert events.count("family_created") == 1 and "family_refreshed" not in events
-        assert sum(1 for e in b.audit_events() if e["event"] == "token_revoked" and e["reason"] == "rolled_back") == 2
+        # Each minted token was audited before the state write was tried (a token that cannot be
+        # audited is never served), then revoked as rolled_back: the trail shows both.
+        minted = [e["token_fp"] for e in b.audit_events() if e["event"] in ("family_created", "family_refreshed")]
+        rolled_back = [e["token_fp"] for e in b.audit_events()
+                       if e["event"] == "token_revoked" and e["reason"] == "rolled_back"]
+        assert len(minted) == 3 and rolled_back == minted[1:], (minted, rolled_back)
         assert sorted(_live_deploy_tokens(b)) == sorted(live_before), "both minted tokens are revoked at Vault"
     finally:
         families_file.rmdir()
@@ -473,3 +481,91 @@ async def test_a_family_with_no_room_for_a_token_is_503_not_500(brokers: BrokerF
     assert not _events(b, "family_created") and not manager.families
     manager._profiles["deploy"] = healthy  # noqa: SLF001
     await _assert_still_serving(b)
+
+
+# --- found in review: audit, pasted refresh tokens, removed profiles, retries after a restart --
+
+async def test_a_family_token_that_cannot_be_audited_is_not_served(brokers: BrokerFactory) -> None:
+    """[audit] on_failure = "refuse" (the default) holds for families as for shared profiles:
+    a full disk under the audit log means a 503, the minted token is revoked at once, and the
+    refresh token the job holds stays the valid one."""
+    b = await brokers.start({"deploy": PER_JOB})
+    first = await _create(b)
+    live_before = _live_deploy_tokens(b)
+    audit = b.broker.audit.path
+    audit.rename(audit.with_name("audit.jsonl.1"))
+    audit.symlink_to("/dev/full")  # every write fails with ENOSPC
+    b.broker.audit.reopen()  # what SIGHUP does
+    try:
+        for method, path, body in (("POST", "/v1/tokens/deploy", None),
+                                   ("POST", "/v1/refresh", {"refresh_token": first["refresh_token"]})):
+            answer = await raw(b, method, path, json=body)
+            assert_error(answer, 503, "audit_unavailable", "cannot write its audit log, so it hands out no tokens")
+        assert sorted(_live_deploy_tokens(b)) == sorted(live_before), "both minted tokens are revoked at Vault"
+    finally:
+        audit.unlink()
+        b.broker.audit.reopen()
+    status, second = await _refresh(b, first["refresh_token"])
+    assert status == 200 and second["generation"] == 2
+    assert b.audit_events()[0]["event"] == "family_refreshed"  # the new file, from the first event after
+
+
+async def test_release_with_a_pasted_refresh_token_does_not_repeat_its_secret(brokers: BrokerFactory) -> None:
+    b = await brokers.start({"deploy": PER_JOB})
+    first = await _create(b)
+    answer = await raw(b, "DELETE", f"/v1/families/{first['refresh_token']}")
+    assert_error(answer, 404, "not_found", "looks like a refresh token (not repeated here)", "the part before the '.'")
+    secret = first["refresh_token"].partition(".")[2]
+    assert secret[:6] not in answer.text and first["family"] not in answer.text
+    status, second = await _refresh(b, first["refresh_token"])  # nothing happened to the family
+    assert status == 200 and second["generation"] == 2
+
+
+@pytest.mark.parametrize("token", ["fam_x.\ud800", "fam_x.é", "fam_ｘ.abc"])
+async def test_a_refresh_token_that_is_not_ascii_is_invalid_not_a_500(brokers: BrokerFactory, token: str) -> None:
+    b = await brokers.start({"deploy": PER_JOB})
+    first = await _create(b)
+    body = json.dumps({"refresh_token": token.replace("fam_x", first["family"])})  # "\ud800" stays escaped
+    answer = await raw(b, "POST", "/v1/refresh", data=body.encode(), headers={"Content-Type": "application/json"})
+    assert_error(answer, 401, "refresh_token_invalid", INVALID)
+    status, second = await _refresh(b, first["refresh_token"])
+    assert status == 200 and second["generation"] == 2
+
+
+async def test_a_family_of_a_profile_removed_from_the_config_ends_after_the_restart(brokers: BrokerFactory) -> None:
+    before = {"deploy": PER_JOB, "gone": PER_JOB}
+    b = await brokers.start(before)
+    doomed = await _create(b, profile="gone")
+    kept = await _create(b)
+    await b.shutdown()
+    again = await brokers.start({"deploy": PER_JOB}, directory=b.dir, roles={"deploy": b.roles["deploy"]},
+                                auth=b.auth_entries())
+    again.seen_secrets |= b.seen_secrets
+    await again.wait_for(lambda: any(e["reason"] == "profile_removed" for e in _events(again, "family_revoked")),
+                         timeout=10, what="the orphaned family to end")
+    assert not token_is_valid(b.vault, doomed["token"])
+    await _refused(again, doomed["refresh_token"], "refresh_token_invalid", INVALID)
+    status, second = await _refresh(again, kept["refresh_token"])
+    assert status == 200 and second["generation"] == 2
+
+
+async def test_a_refresh_retried_again_and_again_after_a_restart_gets_one_new_pair(brokers: BrokerFactory) -> None:
+    """The pair a lost answer carried is gone with the restart (only hashes are kept): the
+    first retry gets a new pair, and every further retry within reuse_interval that same one."""
+    profiles = {"deploy": {**PER_JOB, "reuse_interval": "60s"}}
+    b = await brokers.start(profiles)
+    first = await _create(b)
+    _, lost = await _refresh(b, first["refresh_token"])  # the answer the job never saw
+    await b.shutdown()
+    again = await brokers.start(profiles, directory=b.dir, roles=b.roles, auth=b.auth_entries())
+    again.seen_secrets |= b.seen_secrets
+    status, retried = await _refresh(again, first["refresh_token"])
+    assert status == 200 and retried["generation"] == 3
+    for _ in range(2):
+        status, same = await _refresh(again, first["refresh_token"])
+        assert status == 200 and same == retried
+    assert token_is_valid(b.vault, retried["token"])
+    status, next_one = await _refresh(again, retried["refresh_token"])
+    assert status == 200 and next_one["generation"] == 4
+    await _refused(again, lost["refresh_token"], "refresh_token_reused", REUSED)  # never the job's: a copy
+    assert not token_is_valid(b.vault, next_one["token"])

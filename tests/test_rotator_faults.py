@@ -334,17 +334,40 @@ async def test_an_unexpected_error_in_the_rotator_loop_is_logged_counted_and_ret
 
 # --- 7. state files nobody should have to debug with a traceback --------------------------------
 
+FAMILY: dict[str, Any] = {  # one valid families.json entry, as the broker writes it
+    "id": "fam_AAAAAAAAAAAAAAAA", "profile": "demo", "owner_fp": "ab" * 32, "owner_identity": "cn:job",
+    "created_at": 1.0, "expires_at": 2e9, "generation": 1,
+    "current": {"accessor": "acc", "generation": 1, "token_fp": "0123456789abcdef", "expires_at": 2e9},
+    "current_hash": "cd" * 32, "previous_hash": None, "previous_spent_at": None, "spent_hashes": [],
+}
+
+
+def test_the_families_entry_the_corrupt_cases_start_from_is_valid() -> None:
+    from broker.tokens.families import Family
+
+    family = Family.from_json(FAMILY, "entry 1")
+    assert family.to_json() == FAMILY | {"spent_hashes": ()}
+
+
 @pytest.mark.parametrize(("name", "content", "problem"), [
     ("revocations.json", "[{not json", "it is not valid JSON"),
     ("revocations.json", '[{"accessor": "a", "profile": "demo", "generation": "1", "token_fp": "f", "revoke_at": 1}]',
      "entry 1 has a str for generation"),
     ("profiles.json", '{"demo": {"accessor": "a", "generation": 1, "token_fp": "f"}}', "profile 'demo' lacks expires_at"),
+    ("families.json", '{"fam": 1}', "it is not a JSON list"),
+    ("families.json", json.dumps([{**FAMILY, "bogus": 1}]), "entry 1 has unknown keys bogus"),
+    ("families.json", json.dumps([{k: v for k, v in FAMILY.items() if k != "current"}]), "entry 1 lacks current"),
+    ("families.json", json.dumps([{**FAMILY, "expires_at": "never"}]), "entry 1 has a str for expires_at"),
+    ("families.json", json.dumps([{**FAMILY, "current": {**FAMILY["current"], "generation": True}}]),
+     "entry 1's current token has a bool for generation"),
+    ("families.json", json.dumps([{**FAMILY, "spent_hashes": [1]}]), "entry 1's spent_hashes are not all strings"),
 ])
 async def test_a_corrupt_state_file_stops_the_start_with_one_clear_line(tmp_path: Path, pki: Pki,
                                                                         openbao: OpenBaoDevServer, name: str,
                                                                         content: str, problem: str) -> None:
+    mode = "per-job" if name == "families.json" else "shared"  # families.json is read only with a per-job profile
     serve = serve_config(tmp_path, pki, openbao, f"corrupt-{os.urandom(3).hex()}",
-                         {"ttl": "30s", "grace": "5s", "rotate_after": "20s"})
+                         {"ttl": "30s", "grace": "5s", "rotate_after": "20s", "mode": mode})
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
     (state / name).write_text(content)

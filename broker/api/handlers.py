@@ -76,8 +76,12 @@ def _audit(deps: ApiDeps, event: str, **fields: object) -> None:
     try:
         deps.audit.event(event, **fields)  # type: ignore[arg-type]
     except AuditUnavailable:
-        raise ApiError(503, "the broker cannot write its audit log, so it hands out no tokens; ops must fix it",
-                       code="audit_unavailable", headers={"Retry-After": "5"}) from None
+        raise _audit_unavailable() from None
+
+
+def _audit_unavailable() -> ApiError:
+    return ApiError(503, "the broker cannot write its audit log, so it hands out no tokens; ops must fix it",
+                    code="audit_unavailable", headers={"Retry-After": "5"})
 
 
 MIN_TTL_DIGITS = 9  # over 31 years: more than any profile's ttl, and a bounded int to print
@@ -300,6 +304,8 @@ async def create_family(request: web.Request) -> web.Response:
         issued = await _families(deps).create(profile.name, caller, identity)
     except VaultError as exc:
         raise _family_unavailable(exc) from None
+    except AuditUnavailable:
+        raise _audit_unavailable() from None
     return web.json_response(_issued_body(issued))
 
 
@@ -327,7 +333,7 @@ async def _refresh_token_from(request: web.Request) -> str:
     token = body.get("refresh_token") if isinstance(body, dict) else None
     if not isinstance(token, str) or not token:
         raise ApiError(400, 'the body must be a JSON object with a string "refresh_token"')
-    if len(token) > MAX_REFRESH_TOKEN_LENGTH:
+    if len(token) > MAX_REFRESH_TOKEN_LENGTH or not token.isascii():  # ours are URL-safe base64
         raise ApiError(401, "unknown refresh token, or its family has ended", code="refresh_token_invalid")
     return token
 
@@ -342,6 +348,8 @@ async def refresh(request: web.Request) -> web.Response:
         raise ApiError(401, str(exc), code=exc.code) from None
     except VaultError as exc:
         raise _family_unavailable(exc) from None
+    except AuditUnavailable:
+        raise _audit_unavailable() from None
     return web.json_response(_issued_body(issued))
 
 

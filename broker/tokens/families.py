@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import logging
 import random
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from broker.metrics import Metrics
 from broker.tokens import policy
 from broker.tokens.model import Token
 from broker.tokens.revocations import RevocationPending, RevocationQueue
-from broker.tokens.store import PendingRevocation, StateStore
+from broker.tokens.store import PendingRevocation, StateStore, checked_fields
 from broker.vault.auth import Authenticator
 from broker.vault.client import VaultClient
 
@@ -106,11 +107,26 @@ class Family:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, object]) -> Family:
-        fields = dict(data)
-        fields["current"] = LiveToken(**fields["current"])  # type: ignore[arg-type]
-        fields["spent_hashes"] = tuple(fields.get("spent_hashes") or ())  # type: ignore[arg-type]
-        return cls(**fields)  # type: ignore[arg-type]
+    def from_json(cls, data: object, where: str) -> Family:
+        """A family as ``families.json`` holds it; ValueError naming what is wrong: a family read
+        wrongly would be refreshed, judged or expired wrongly."""
+        checked = checked_fields(data, _FAMILY_TYPES, _FAMILY_REQUIRED, where)
+        current = checked_fields(checked["current"], _LIVE_TYPES, _LIVE_TYPES, f"{where}'s current token")
+        spent = checked.get("spent_hashes") or []
+        if not all(isinstance(h, str) for h in spent):
+            raise ValueError(f"{where}'s spent_hashes are not all strings")
+        return cls(**{**checked, "current": LiveToken(**current), "spent_hashes": tuple(spent)})
+
+
+_NUMBER = (int, float)
+_LIVE_TYPES: dict[str, tuple[type, ...]] = {"accessor": (str,), "generation": (int,), "token_fp": (str,),
+                                            "expires_at": _NUMBER}
+_FAMILY_TYPES: dict[str, tuple[type, ...]] = {
+    "id": (str,), "profile": (str,), "owner_fp": (str,), "owner_identity": (str,), "created_at": _NUMBER,
+    "expires_at": _NUMBER, "generation": (int,), "current": (dict,), "current_hash": (str,),
+    "previous_hash": (str, type(None)), "previous_spent_at": (*_NUMBER, type(None)), "spent_hashes": (list,),
+}
+_FAMILY_REQUIRED = [f.name for f in dataclasses.fields(Family) if f.default is dataclasses.MISSING]
 
 
 class Verdict(enum.Enum):
@@ -141,8 +157,9 @@ class Issued:
     refresh_token: str = field(repr=False)
 
 
-REUSED = ("this refresh token was already used, so the whole token family has been revoked; "
-          "start a new family with POST /v1/tokens/{profile}")
+REUSED = ("this refresh token was used before, or presented from another client certificate, so the whole "
+          "token family has been revoked (queued at Vault if it cannot confirm now); start a new family with "
+          "POST /v1/tokens/{profile}")
 
 
 class FamilyManager:
@@ -178,7 +195,7 @@ class FamilyManager:
         self._retry_at: float | None = None
 
     def load(self) -> None:
-        self._families = {f.id: f for f in map(Family.from_json, self._store.load_families())}
+        self._families = {f.id: f for f in self._store.load_families(Family.from_json)}
 
     @property
     def families(self) -> tuple[Family, ...]:
@@ -246,6 +263,17 @@ class FamilyManager:
         return VaultUnavailable("family", f"the broker cannot write its state directory ({exc.strerror or exc}); "
                                           "nothing was issued, try again")
 
+    async def _audit_or_revoke(self, token: Token, event: str, *, profile: str, family: str, **fields: object) -> None:
+        """Audit handing out ``token``, before anything depends on it. A token that cannot be
+        audited is not served (``[audit] on_failure = "refuse"``, as for shared profiles): it is
+        revoked now and AuditUnavailable goes to the caller; nothing of the family changed."""
+        try:
+            self._audit.event(event, profile=profile, family=family, **fields)  # type: ignore[arg-type]
+        except AuditUnavailable:
+            log.error("audit_unavailable family=%s event=%s action=new token revoked, not served", family, event)
+            await self._revoke_now(LiveToken.of(token), profile, family, "rolled_back")
+            raise
+
     async def _revoke_now(self, live: LiveToken, profile: str, family: str, reason: str) -> None:
         await self._revocations.revoke_or_queue(live.revocation(profile, family, self._clock.now()), reason)
 
@@ -269,6 +297,8 @@ class FamilyManager:
             created_at=now, expires_at=expires_at, generation=1,
             current=LiveToken.of(token), current_hash=refresh_hash(refresh_token),
         )
+        await self._audit_or_revoke(token, "family_created", profile=profile.name, family=family_id,
+                                    identity=identity, generation=1, token_fp=token.fp)
         self._families[family_id] = family
         try:
             await self._persist()
@@ -281,8 +311,6 @@ class FamilyManager:
         self._metrics.count_request(profile.name, "family_created")
         log.info("family_created profile=%s family=%s identity=%s token_fp=%s", profile.name, family_id, identity,
                  token.fp)
-        self._record("family_created", profile=profile.name, identity=identity, generation=1, token_fp=token.fp,
-                     family=family_id)
         return issued
 
     async def refresh(self, refresh_token: str, caller: Caller) -> Issued:
@@ -298,7 +326,12 @@ class FamilyManager:
             if now >= family.expires_at:
                 await self._end(family, "expired")
                 raise RefreshRejected("refresh_token_invalid", "the token family has reached its maximum age")
-            profile = self._profiles[family.profile]
+            profile = self._profiles.get(family.profile)
+            if profile is None:
+                await self._end(family, "profile_removed")
+                raise RefreshRejected("refresh_token_invalid",
+                                      f"the family's profile {family.profile} is no longer a per-job profile of this "
+                                      "broker; the family has ended")
             verdict = judge(family, refresh_hash(refresh_token), caller.fingerprint, now, profile.reuse_interval)
             if verdict is Verdict.INVALID:
                 self._metrics.count_request(profile.name, "refresh_invalid")
@@ -313,25 +346,36 @@ class FamilyManager:
             if verdict is Verdict.RETRY and last is not None and last.family.generation == family.generation:
                 self._metrics.count_request(profile.name, "refresh_retried")
                 return last  # a retried request: the same pair again, no new mint
-            return await self._rotate(family, profile, caller)
+            return await self._rotate(family, profile, caller, retry=verdict is Verdict.RETRY)
 
-    async def _rotate(self, family: Family, profile: ProfileConfig, caller: Caller) -> Issued:
+    async def _rotate(self, family: Family, profile: ProfileConfig, caller: Caller, retry: bool = False) -> Issued:
+        """The next generation. ``retry``: the previous refresh token came back within
+        ``reuse_interval`` but the pair it got is no longer in memory (a restart): the new pair
+        takes the place of that lost one, so the previous refresh token stays the one a further
+        retry may present, and the lost pair's refresh token (never received) is spent."""
         generation = family.generation + 1
         token = await self._mint(profile, family.id, generation, family.owner_identity, family.expires_at,
                                  self._clock.now())
         refresh_token = new_refresh_token(family.id)
         now = self._clock.now()
         old = family.current
+        await self._audit_or_revoke(token, "family_refreshed", profile=profile.name, family=family.id,
+                                    identity=caller.primary, generation=generation, token_fp=token.fp,
+                                    previous_fp=old.token_fp)
         retiring = old.revocation(profile.name, family.id, min(now + profile.grace, old.expires_at))
         try:
             await self._revocations.schedule(retiring)
         except OSError as exc:
             raise await self._not_recorded(token, profile.name, family.id, exc) from None
-        older = (family.previous_hash,) if family.previous_hash is not None else ()
+        if retry:
+            previous_hash, previous_spent_at = family.previous_hash, family.previous_spent_at
+            spent = family.spent_hashes + (family.current_hash,)
+        else:
+            previous_hash, previous_spent_at = family.current_hash, now
+            spent = family.spent_hashes + ((family.previous_hash,) if family.previous_hash is not None else ())
         updated = dataclasses.replace(
-            family, generation=generation, current=LiveToken.of(token),
-            current_hash=refresh_hash(refresh_token), previous_hash=family.current_hash, previous_spent_at=now,
-            spent_hashes=family.spent_hashes + older,
+            family, generation=generation, current=LiveToken.of(token), current_hash=refresh_hash(refresh_token),
+            previous_hash=previous_hash, previous_spent_at=previous_spent_at, spent_hashes=spent,
         )
         self._families[family.id] = updated
         try:
@@ -345,8 +389,6 @@ class FamilyManager:
         self._metrics.count_request(profile.name, "refreshed")
         log.info("family_refreshed profile=%s family=%s generation=%d token_fp=%s", profile.name, family.id,
                  generation, token.fp)
-        self._record("family_refreshed", profile=profile.name, identity=caller.primary, generation=generation,
-                     token_fp=token.fp, family=family.id, previous_fp=old.token_fp)
         return issued
 
     async def _reuse_detected(self, family: Family, caller: Caller) -> None:
@@ -357,14 +399,15 @@ class FamilyManager:
         self._record("reuse_detected", profile=family.profile, identity=caller.primary, generation=family.generation,
                      token_fp=family.current.token_fp, outcome="denied", reason="refresh token presented again",
                      family=family.id, owner_identity=family.owner_identity,
-                     same_certificate=hmac.compare_digest(caller.fingerprint, family.owner_fp))
+                     same_certificate=hmac.compare_digest(caller.fingerprint, family.owner_fp),
+                     certificate_fp=caller.fingerprint[:16])
         await self._end(family, "reuse_detected")
 
     async def release(self, family_id: str, caller: Caller) -> tuple[Family, int]:
         """The job is done: revoke the family's tokens now. Only its own certificate may.
         Returns the family and how many of its tokens Vault has not confirmed revoked yet
         (queued, due now, retried by the revocation loop)."""
-        not_found = FamilyNotFound(f"no live token family {family_id[:40]!r} for this client certificate")
+        not_found = FamilyNotFound(_not_found_message(family_id))
         lock = self._lock(family_id)
         if lock is None:
             raise not_found
@@ -440,11 +483,17 @@ class FamilyManager:
             return 3600.0
         return max(0.0, min(f.expires_at for f in self._families.values()) - self._clock.now())
 
+    async def end_orphaned(self) -> int:
+        """End every family whose profile is no longer per-job here (the config changed across a
+        restart): nothing could refresh it, and its tokens should not outlive that decision."""
+        orphans = [f.id for f in self._families.values() if f.profile not in self._profiles]
+        return await self._end_each(orphans, "profile_removed")
+
     async def _pass(self) -> bool:
         """One round of the background loop; False if anything in it failed."""
         if self._unsaved:
             await self._persist()
-        return await self.end_expired() == 0
+        return await self.end_orphaned() + await self.end_expired() == 0
 
     async def run(self) -> None:
         """Ends expired families. Nothing here may stop the broker: a failed pass (Vault, a
@@ -465,6 +514,20 @@ class FamilyManager:
             self._retry_at = now + delay
             log.warning("family_loop_backoff failures=%d retry_in=%.1fs", self._failures, delay)
             await self._clock.sleep(delay)  # not cut short by new families: backoff sets the pace
+
+
+def _not_found_message(family_id: str) -> str:
+    """The id is repeated only if it has a family id's shape: a caller who pasted a refresh
+    token (``<family id>.<secret>``) must not find its secret part in the answer, or a CI log."""
+    if _FAMILY_ID.fullmatch(family_id):
+        return f"no live token family {family_id!r} for this client certificate"
+    if "." in family_id:
+        return ("no live token family with that id for this client certificate; that looks like a refresh token "
+                "(not repeated here): the family id is the part before the '.'")
+    return "no live token family with that id for this client certificate (family ids look like fam_...)"
+
+
+_FAMILY_ID = re.compile(r"fam_[A-Za-z0-9_-]{16}")
 
 
 def _log_failure(event: str, exc: Exception, context: str = "") -> None:

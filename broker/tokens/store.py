@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -67,24 +68,35 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "reason": (str,),
 }
 Record = TypeVar("Record", PendingRevocation, IssuedRecord)
+Parsed = TypeVar("Parsed")
+
+
+def checked_fields(item: Any, types: Mapping[str, tuple[type, ...]], required: Iterable[str],
+                   where: str) -> dict[str, Any]:
+    """``item`` if it is a JSON object with only these keys, at least the required ones, each of
+    its type; ValueError naming what is wrong otherwise (a wrong entry is named, not guessed at)."""
+    if not isinstance(item, dict):
+        raise ValueError(f"{where} is not a JSON object")
+    unknown = sorted(set(item) - set(types))
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {', '.join(unknown)}")
+    missing = sorted(set(required) - set(item))
+    if missing:
+        raise ValueError(f"{where} lacks {', '.join(missing)}")
+    for key, value in item.items():
+        if isinstance(value, bool) or not isinstance(value, types[key]):  # bool is an int to Python
+            raise ValueError(f"{where} has a {type(value).__name__} for {key}")
+    return item
 
 
 def _record(cls: type[Record], item: Any, path: Path, where: str) -> Record:
-    """One entry of a state file, checked field by field: a wrong entry is named, not guessed at."""
-    if not isinstance(item, dict):
-        raise _corrupt(path, f"{where} is not a JSON object")
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(item) - names)
-    if unknown:
-        raise _corrupt(path, f"{where} has unknown keys {', '.join(unknown)}")
-    required = {f.name for f in fields(cls) if f.default is MISSING}  # files older than a field lack it
-    missing = sorted(required - set(item))
-    if missing:
-        raise _corrupt(path, f"{where} lacks {', '.join(missing)}")
-    for key, value in item.items():
-        if isinstance(value, bool) or not isinstance(value, _TYPES[key]):  # bool is an int to Python
-            raise _corrupt(path, f"{where} has a {type(value).__name__} for {key}")
-    return cls(**item)
+    """One entry of a state file, checked field by field."""
+    names = [f.name for f in fields(cls)]
+    required = [f.name for f in fields(cls) if f.default is MISSING]  # files older than a field lack it
+    try:
+        return cls(**checked_fields(item, {name: _TYPES[name] for name in names}, required, where))
+    except ValueError as exc:
+        raise _corrupt(path, str(exc)) from None
 
 
 class StateStore:
@@ -138,13 +150,17 @@ class StateStore:
         # Only now: a failed write leaves the file, and so what a restart retires, unchanged.
         self._issued = issued
 
-    def load_families(self) -> list[dict[str, Any]]:
+    def load_families(self, parse: Callable[[Any, str], Parsed]) -> list[Parsed]:
+        """Each entry through ``parse(item, where)``, which raises ValueError for a bad one."""
         raw = read_json(self._families)
         if raw is None:
             return []
-        if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
-            raise _corrupt(self._families, "it is not a JSON list of objects")
-        return list(raw)
+        if not isinstance(raw, list):
+            raise _corrupt(self._families, "it is not a JSON list")
+        try:
+            return [parse(item, f"entry {i + 1}") for i, item in enumerate(raw)]
+        except ValueError as exc:
+            raise _corrupt(self._families, str(exc)) from None
 
     async def save_families(self, families: list[dict[str, Any]]) -> None:
         await self._write(self._families, json.dumps(families, indent=1).encode())
