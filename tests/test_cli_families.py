@@ -235,3 +235,20 @@ async def test_refresh_file_that_is_not_a_small_regular_file_is_refused(b: Runni
     run = await broker_cli(command, "--refresh-file", str(path), env=job_env(b), timeout=15)
     problem = "larger than" if kind == "huge" else "not a regular file"
     assert_one_line_error(run, 2, str(path), problem)
+
+
+async def test_broker_revoke_of_a_per_job_profile_ends_its_families(b: RunningBroker, tmp_path: Path) -> None:
+    """Last in this module: it ends every family of the profile, the other tests' too."""
+    refresh_file = tmp_path / "deploy.refresh"
+    run = await broker_cli("get", "deploy", "--refresh-file", str(refresh_file), env=job_env(b))
+    assert run.code == 0, run
+    token = run.out.strip()
+    b.seen_secrets.add(token)
+    _kept(refresh_file, b)
+    run = await broker_cli("revoke", "deploy", env=job_env(b, "ops"))
+    assert run.code == 0, run
+    body = json.loads(run.out)
+    assert body["profile"] == "deploy" and body["families_revoked"] >= 1 and body["pending_revocations"] == 0
+    assert not token_is_valid(b.vault, token)
+    run = await broker_cli("refresh", "--refresh-file", str(refresh_file), env=job_env(b))
+    assert_one_line_error(run, 1, "refresh_token_invalid", secrets=secrets_of(b))

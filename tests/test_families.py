@@ -569,3 +569,26 @@ async def test_a_refresh_retried_again_and_again_after_a_restart_gets_one_new_pa
     assert status == 200 and next_one["generation"] == 4
     await _refused(again, lost["refresh_token"], "refresh_token_reused", REUSED)  # never the job's: a copy
     assert not token_is_valid(b.vault, next_one["token"])
+
+
+async def test_an_admin_revoke_of_a_per_job_profile_ends_every_family_of_it(brokers: BrokerFactory) -> None:
+    """Incident response: every live family of the profile ends, its Vault tokens (those in
+    grace too) dead at once; other profiles' families are untouched; new families can start."""
+    b = await brokers.start({"deploy": PER_JOB, "other": PER_JOB})
+    first = await _create(b)
+    _, second = await _refresh(b, first["refresh_token"])  # the first token is in grace now
+    another = await _create(b, cert="job-other")
+    elsewhere = await _create(b, profile="other")
+    denied = await raw(b, "POST", "/v1/tokens/deploy/revoke")  # a job's certificate
+    assert_error(denied, 403, "forbidden", "admin actions need a certificate matching [admin].allow")
+    status, body, _ = await b.request("POST", "/v1/tokens/deploy/revoke", cert="ops")
+    assert status == 200 and body == {"profile": "deploy", "families_revoked": 2, "pending_revocations": 0}
+    for token in (first["token"], second["token"], another["token"]):
+        assert not token_is_valid(b.vault, token)
+    assert token_is_valid(b.vault, elsewhere["token"])
+    await _refused(b, second["refresh_token"], "refresh_token_invalid", INVALID)
+    assert {e["reason"] for e in _events(b, "family_revoked")} == {"admin_revoke"}
+    assert [e["identity"] for e in _events(b, "admin_revoke")] == ["cn:ops"]
+    await _create(b)  # the profile keeps working for new jobs
+    rotate = await raw(b, "POST", "/v1/tokens/deploy/rotate", cert="ops")
+    assert_error(rotate, 404, "not_found", "profile deploy is per-job", "revoke ends all its families")

@@ -224,7 +224,7 @@ async def whoami(request: web.Request) -> web.Response:
     })
 
 
-def _admin_rotator(request: web.Request) -> tuple[ApiDeps, Caller, Rotator]:
+def _admin_caller(request: web.Request) -> tuple[ApiDeps, Caller, str]:
     deps = request.app[DEPS]
     caller = caller_of(request)
     name = request.match_info["profile"]
@@ -233,11 +233,18 @@ def _admin_rotator(request: web.Request) -> tuple[ApiDeps, Caller, Rotator]:
         _audit(deps, "token_denied", profile=name if name in deps.profiles else None, identity=caller.primary,
                outcome="denied", reason="admin action by a non-admin")
         raise ApiError(403, "admin actions need a certificate matching [admin].allow")
+    return deps, caller, name
+
+
+def _rotator_of(deps: ApiDeps, name: str, per_job_hint: str) -> Rotator:
     rotator = deps.rotators.get(name)
-    if rotator is None:
-        known = ", ".join(sorted(deps.rotators)) or "none"
-        raise ApiError(404, f"no shared profile named {name[:64]!r}; known: {known}")
-    return deps, caller, rotator
+    if rotator is not None:
+        return rotator
+    profile = deps.profiles.get(name)
+    if profile is not None and profile.mode == "per-job":
+        raise ApiError(404, f"profile {profile.name} is per-job: {per_job_hint}")
+    known = ", ".join(sorted(deps.profiles)) or "none"
+    raise ApiError(404, f"no profile named {name[:64]!r}; known: {known}")
 
 
 def _admin_body(rotator: Rotator) -> dict[str, object]:
@@ -247,7 +254,9 @@ def _admin_body(rotator: Rotator) -> dict[str, object]:
 
 
 async def admin_rotate(request: web.Request) -> web.Response:
-    deps, caller, rotator = _admin_rotator(request)
+    deps, caller, name = _admin_caller(request)
+    rotator = _rotator_of(deps, name, "it has no shared token to rotate (each job's family rotates its own); "
+                                      "revoke ends all its families")
     try:
         await rotator.rotate("admin")
     except VaultError as exc:
@@ -257,20 +266,39 @@ async def admin_rotate(request: web.Request) -> web.Response:
 
 
 async def admin_revoke(request: web.Request) -> web.Response:
-    deps, caller, rotator = _admin_rotator(request)
+    deps, caller, name = _admin_caller(request)
+    profile = deps.profiles.get(name)
+    if profile is not None and profile.mode == "per-job" and deps.families is not None:
+        return await _revoke_families(deps, caller, profile.name, deps.families)
+    rotator = _rotator_of(deps, name, "")
     _audit(deps, "admin_revoke", profile=rotator.name, identity=caller.primary, generation=rotator.state.generation,
            reason="requested")
     try:
         await rotator.revoke_all()
     except RevocationPending as exc:
-        # Not 503: the client retries those, and a retry that finds nothing left to revoke and
-        # mints would answer 200 while a leaked token may still be valid at Vault.
-        raise ApiError(502, f"revocation of profile {rotator.name}'s tokens is queued but not confirmed: "
-                            f"{exc.detail}; watch broker_revocations_pending and token_revoked in the audit log",
-                       code="revocation_pending") from None
+        raise _revocation_pending(rotator.name, exc.detail) from None
     except VaultError as exc:
         raise _unavailable(deps, rotator, exc.detail) from None
     return web.json_response(_admin_body(rotator))
+
+
+async def _revoke_families(deps: ApiDeps, caller: Caller, profile: str, families: FamilyManager) -> web.Response:
+    """Incident response for a per-job profile: every live family of it ends now, each of its
+    Vault tokens revoked (or queued, due now). New families can start again at once."""
+    _audit(deps, "admin_revoke", profile=profile, identity=caller.primary, reason="requested")
+    ended, unconfirmed = await families.end_profile(profile, "admin_revoke")
+    if unconfirmed:
+        raise _revocation_pending(profile, f"{ended} families ended, {unconfirmed} of their tokens not yet "
+                                           "confirmed revoked by Vault")
+    return web.json_response({"profile": profile, "families_revoked": ended, "pending_revocations": 0})
+
+
+def _revocation_pending(profile: str, detail: str) -> ApiError:
+    # Not 503: the client retries those, and a retry that finds nothing left to revoke and
+    # mints would answer 200 while a leaked token may still be valid at Vault.
+    return ApiError(502, f"revocation of profile {profile}'s tokens is queued but not confirmed: "
+                         f"{detail}; watch broker_revocations_pending and token_revoked in the audit log",
+                    code="revocation_pending")
 
 
 # --- per-job token families --------------------------------------------------------------------

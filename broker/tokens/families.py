@@ -467,6 +467,21 @@ class FamilyManager:
                 _log_failure("family_end_failed", exc, f"family={family_id} reason={reason}")
         return failed
 
+    async def end_profile(self, profile: str, reason: str) -> tuple[int, int]:
+        """End every family of ``profile`` now (an admin's incident response): how many ended,
+        and how many of their tokens Vault has not confirmed revoked yet (queued, retried)."""
+        ended = unconfirmed = 0
+        for family_id in [f.id for f in self._families.values() if f.profile == profile]:
+            lock = self._lock(family_id)
+            if lock is None:
+                continue
+            async with lock:
+                family = self._families.get(family_id)  # it may have ended while we waited
+                if family is not None:
+                    unconfirmed += await self._end(family, reason)
+                    ended += 1
+        return ended, unconfirmed
+
     async def end_all(self, reason: str) -> None:
         """Opt-in revocation on shutdown: every family ends now (failures are logged)."""
         await self._end_each(list(self._families), reason)
