@@ -143,6 +143,7 @@ def _check(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config)
+        _server_tls_files(config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(_in_file(args.config, problem), file=sys.stderr)
@@ -151,6 +152,17 @@ def _check(args: argparse.Namespace) -> int:
         print(_in_file(args.config, note), file=sys.stderr)
     print(f"{args.config}: ok")
     return EXIT_OK
+
+
+def _server_tls_files(config: Config) -> None:
+    """Load the listener's certificate, key and client CA as ``serve`` does, so that check
+    refuses what a start would: an expired certificate, a key that does not match it..."""
+    from broker.tlsengine import listener_context
+
+    try:
+        listener_context(config.server)
+    except CertError as exc:
+        raise ConfigError([f"server: {exc}"]) from None
 
 
 def _unset_token_envs(config: Config) -> list[str]:

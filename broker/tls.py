@@ -229,6 +229,12 @@ def _read_key(path: Path, what: str) -> Any:
         raise CertError(f"{what} {path} does not contain a PEM private key") from None
 
 
+def require_valid_now(path: Path, what: str) -> None:
+    """CertError if the first certificate in ``path`` is expired or not valid yet: served, it
+    would fail every client's handshake while the broker looked ready."""
+    _require_valid_now(_read_certs(path, what)[0], path, what)
+
+
 def _require_valid_now(cert: x509.Certificate, path: Path, what: str) -> None:
     now = dt.datetime.now(dt.timezone.utc)
     if now < cert.not_valid_before_utc:

@@ -35,7 +35,7 @@ from OpenSSL._util import lib as _lib
 from broker.config import ServerConfig
 from broker.errors import CertError
 from broker.identity import Caller
-from broker.tls import require_private_key
+from broker.tls import ReloadableServerContext, require_private_key, require_valid_now
 
 log = logging.getLogger("broker.tls")
 
@@ -147,18 +147,25 @@ def openssl_context(cfg: ServerConfig, certificates: KnownCertificates) -> SSL.C
         try:
             load(str(path))
         except (SSL.Error, OSError) as exc:
+            if what == "server key" and "mismatch" in _reason(exc):  # OpenSSL checks the pair on load
+                raise _mismatch(cfg) from None
             raise CertError(f"cannot load the {what} {path}: {_reason(exc)}") from None
     try:
         ctx.check_privatekey()
     except SSL.Error:
-        raise CertError(f"server key {cfg.key} does not match the certificate {cfg.cert}") from None
+        raise _mismatch(cfg) from None
     require_private_key(cfg.key)
+    require_valid_now(cfg.cert, "server cert")
     store = ctx.get_cert_store()
     if store is None:  # cannot happen after load_verify_locations; refuse rather than verify loosely
         raise CertError(f"cannot use client_ca {cfg.client_ca}: OpenSSL has no certificate store")
     store.set_flags(crypto.X509StoreFlags.X509_STRICT)
     certificates.require_client_certificates(ctx)
     return ctx
+
+
+def _mismatch(cfg: ServerConfig) -> CertError:
+    return CertError(f"server key {cfg.key} does not match the certificate in {cfg.cert}")
 
 
 def _require_readable(what: str, path: Path) -> None:
@@ -463,6 +470,12 @@ class ReloadableOpenSSLContext:
 
     def reload(self) -> None:
         self.current = openssl_context(self._cfg, self.certificates)  # raises CertError, keeping the old one
+
+
+def listener_context(cfg: ServerConfig) -> ReloadableOpenSSLContext | ReloadableServerContext:
+    """The API listener's reloadable context for ``cfg.tls_engine``; CertError, naming the file
+    and the problem, for anything ``broker serve`` refuses (also what ``broker check`` runs)."""
+    return ReloadableOpenSSLContext(cfg) if cfg.tls_engine == "openssl" else ReloadableServerContext(cfg)
 
 
 def tls_protocol_factory(contexts: ReloadableOpenSSLContext, app_factory: Callable[[], asyncio.Protocol],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from broker.config import (
     parse_duration,
 )
 from broker.errors import ConfigError, url_without_secrets
+from tests.conftest import Pki
 
 # Mirrors DESIGN §5, minus rotate_after (so the default is exercised) and with a per-job profile.
 VALID = """\
@@ -1066,10 +1068,17 @@ def test_grace_longer_than_ttl_says_so(tmp_path: Path, capsys: pytest.CaptureFix
     ]
 
 
+def _with_real_certs(tmp_path: Path, pki: Pki) -> None:
+    """`broker check` loads the listener's certificate, key and CA as serve does: real ones."""
+    for name in ("server.pem", "server.key", "ca.pem"):
+        shutil.copy2(pki.dir / name, tmp_path / "certs" / name)
+
+
 def test_check_notes_a_token_env_unset_here_but_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+                                                       monkeypatch: pytest.MonkeyPatch, pki: Pki) -> None:
     """`broker check` often runs where the service's environment is not: a note, exit 0."""
     config = _setup(tmp_path, _mutated('token_file = "secrets/token"', 'token_env = "BROKER_TEST_TOKEN"'))
+    _with_real_certs(tmp_path, pki)
     monkeypatch.delenv("BROKER_TEST_TOKEN", raising=False)
     assert broker_main(["check", "--config", str(config)]) == 0
     out, err = capsys.readouterr()
@@ -1095,3 +1104,19 @@ def test_file_problems_name_the_config_as_given(tmp_path: Path, capsys: pytest.C
         (tmp_path / "broker.toml").write_text(content)
     assert broker_main(["check", "--config", "broker.toml"]) == 2
     assert capsys.readouterr() == ("", f"broker.toml: {problem}\n")
+
+
+@pytest.mark.parametrize("engine", ["openssl", "stdlib"])
+def test_check_refuses_what_serve_would_in_the_listener_tls_files(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                  pki: Pki, engine: str) -> None:
+    """An expired server certificate, a key for another certificate, a file that is no PEM:
+    check used to say ok, and serve then refused to start (or, on SIGHUP, kept the old one)."""
+    config = _setup(tmp_path, _mutated('tls13_ciphersuites = ["TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256"]',
+                                       f'tls_engine = "{engine}"'))
+    _with_real_certs(tmp_path, pki)
+    assert broker_main(["check", "--config", str(config)]) == 0
+    capsys.readouterr()
+    shutil.copy2(pki.dir / "job.key", tmp_path / "certs" / "server.key")
+    assert _check_lines(config, capsys) == [
+        f"server: server key {tmp_path / 'certs/server.key'} does not match the certificate in "
+        f"{tmp_path / 'certs/server.pem'}"]

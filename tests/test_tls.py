@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -648,13 +648,44 @@ def _remove_cert(d: Path) -> str:
     return f"cannot load the server certificate {d / 'server.pem'}: No such file or directory"
 
 
+def _server_cert_valid(d: Path, not_before: dt.datetime, not_after: dt.datetime) -> x509.Certificate:
+    """Replace server.pem with one for the same key, from the same CA, valid only then."""
+    ca_key = serialization.load_pem_private_key((d / "ca.key").read_bytes(), password=None)
+    ca = x509.load_pem_x509_certificate((d / "ca.pem").read_bytes())
+    current = x509.load_pem_x509_certificate((d / "server.pem").read_bytes())
+    builder = x509.CertificateBuilder().subject_name(current.subject).issuer_name(ca.subject)
+    builder = builder.public_key(current.public_key()).serial_number(x509.random_serial_number())
+    builder = builder.not_valid_before(not_before).not_valid_after(not_after)
+    for extension in current.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    (d / "server.pem.valid").write_bytes((d / "server.pem").read_bytes())
+    (d / "server.pem").write_bytes(cert.public_bytes(Encoding.PEM))
+    return cert
+
+
+def _expire_cert(d: Path) -> str:
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = _server_cert_valid(d, now - dt.timedelta(days=2), now - dt.timedelta(days=1))
+    return f"server cert {d / 'server.pem'} expired at {cert.not_valid_after_utc.isoformat()}"
+
+
+def _future_cert(d: Path) -> str:
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = _server_cert_valid(d, now + dt.timedelta(days=1), now + dt.timedelta(days=2))
+    return f"server cert {d / 'server.pem'} is not valid until {cert.not_valid_before_utc.isoformat()}"
+
+
 def _repair(d: Path) -> None:
     (d / "server.key").chmod(0o600)
     if (d / "server.pem.moved").exists():
         (d / "server.pem.moved").rename(d / "server.pem")
+    if (d / "server.pem.valid").exists():
+        (d / "server.pem.valid").rename(d / "server.pem")
 
 
-@pytest.mark.parametrize("breakage", [_break_key_mode, _remove_cert], ids=["key-0644", "cert-missing"])
+@pytest.mark.parametrize("breakage", [_break_key_mode, _remove_cert, _expire_cert, _future_cert],
+                         ids=["key-0644", "cert-missing", "cert-expired", "cert-not-yet-valid"])
 async def test_sighup_applies_the_startup_checks_and_keeps_the_old_context(
         own_broker: RunningBroker, log_lines: list[str], breakage: Any) -> None:
     b = own_broker
