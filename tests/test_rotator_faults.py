@@ -107,17 +107,22 @@ async def test_admin_revoke_during_an_outage_keeps_every_token_queued_and_says_s
 
 async def test_revoke_on_shutdown_while_vault_is_down_leaves_the_tokens_queued_for_the_next_start(
         brokers: BrokerFactory, proxy: TcpProxy) -> None:
-    b = await brokers.start(server_extra="revoke_on_shutdown = true", vault_address=proxy.address)
+    # A grace of 10 minutes: the restart retires the token it last served after a grace, and
+    # that must not put off the revocation promised "now" at shutdown.
+    long_grace = {"demo": {"ttl": "1h", "grace": "10m", "rotate_after": "40m"}}
+    b = await brokers.start(long_grace, server_extra="revoke_on_shutdown = true", vault_address=proxy.address)
     token = (await b.get_token())["token"]
     proxy.cut()
     await b.shutdown()
     assert token_is_valid(b.vault, token)
     assert fingerprint(token) in {e.token_fp for e in b.broker.store.load_revocations()}
 
-    again = await brokers.start(directory=b.dir, roles=b.roles, auth=b.auth_entries())  # Vault reachable again
-    await again.wait_for(lambda: not token_is_valid(b.vault, token), what="the revocation left over at shutdown")
-    await still_serving(again)
+    again = await brokers.start(long_grace, directory=b.dir, roles=b.roles, auth=b.auth_entries())  # Vault is back
     again.seen_secrets |= b.seen_secrets
+    await again.wait_for(lambda: not token_is_valid(b.vault, token), what="the revocation left over at shutdown")
+    revoked = [e for e in again.audit_events() if e["event"] == "token_revoked" and e["token_fp"] == fingerprint(token)]
+    assert [e["reason"] for e in revoked] == ["shutdown"]
+    await still_serving(again)
 
 
 # --- 2. changes made outside the loop wake it -----------------------------------------------

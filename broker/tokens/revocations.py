@@ -126,9 +126,19 @@ class RevocationQueue:
 
     @staticmethod
     def _with(entries: Sequence[PendingRevocation]) -> Callable[[list[PendingRevocation]], list[PendingRevocation]]:
-        """Add ``entries``; one entry per accessor, the newer replacing the older."""
-        accessors = {e.accessor for e in entries}
-        return lambda pending: [e for e in pending if e.accessor not in accessors] + list(entries)
+        """Add ``entries``, one per accessor. For a token already queued the earlier revocation
+        wins, with its reason: a promise to revoke now (an admin revoke, a shutdown) must not be
+        put off by a later, gentler schedule of the same token (a restart retiring the token it
+        last served after a grace). Taking a revocation back is ``unschedule``'s job."""
+        def merged(pending: list[PendingRevocation]) -> list[PendingRevocation]:
+            by_accessor = {e.accessor: e for e in pending}
+            for entry in entries:
+                known = by_accessor.get(entry.accessor)
+                if known is None or entry.revoke_at <= known.revoke_at:
+                    by_accessor[entry.accessor] = entry
+            return list(by_accessor.values())
+
+        return merged
 
     @staticmethod
     def _without(entry: PendingRevocation) -> Callable[[list[PendingRevocation]], list[PendingRevocation]]:
