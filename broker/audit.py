@@ -112,7 +112,8 @@ class AuditLog:
         old, self._fd = self._fd, fd
         if old is not None:
             os.close(old)
-        self.healthy = True
+        # ``healthy`` stays what the last write made it: opening a file on a full disk works,
+        # and readiness must not flip to ready until an event is written again.
         log.info("audit_reopened path=%s", self.path)
 
     def _open_path(self) -> int:
@@ -137,6 +138,17 @@ class AuditLog:
         if second != self._second:
             self._second, self._second_text = second, rfc3339(second)[:-5]
         return f"{self._second_text}.{int((now - second) * 1000):03d}Z"
+
+    def _cut_partial(self, written: int) -> None:
+        """Take back the start of a line a full disk cut short: left there, the next event would
+        be glued onto it and both lost to JSON Lines readers (a torn *last* line is repaired at
+        start; this one would sit in the middle of the file)."""
+        if self._fd is None or written <= 0:
+            return
+        try:
+            os.ftruncate(self._fd, os.lseek(self._fd, 0, os.SEEK_END) - written)
+        except OSError as exc:
+            log.error("audit_repair_failed path=%s error=%s", self.path, exc.strerror or exc)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -171,6 +183,7 @@ class AuditLog:
                 raise OSError("the audit log could not be opened")
             written = os.write(self._fd, line)
             if written != len(line):
+                self._cut_partial(written)
                 raise OSError(f"short write ({written} of {len(line)} bytes)")
         except OSError as exc:
             self.healthy = False

@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,8 @@ async def test_full_disk_refuses_tokens_it_cannot_audit(brokers: BrokerFactory, 
     status, body, headers = await b.request("GET", "/v1/tokens/demo")
     assert status == 503 and body["error"] == "audit_unavailable"
     assert "audit log" in body["message"] and headers["Retry-After"]
+    assert b.metric("broker_token_requests_total", profile="demo", outcome="audit_unavailable") == 1
+    b.broker.audit.reopen()  # SIGHUP (logrotate) while the disk is still full: still not ready
     status, ready = await b.ops("/readyz")
     assert status == 503 and "audit log cannot be written" in ready["problems"] and ready["audit"] == "failing"
     assert b.broker.cache.get("demo").current is not None, "rotation goes on; only serving stops"
@@ -166,3 +170,33 @@ async def test_a_broker_keeps_its_state_directory_private(brokers: BrokerFactory
     b = await brokers.start()
     assert _mode(b.broker.config.state.dir) == 0o700
     assert _mode(b.audit_path) == 0o600
+
+
+SHORT_WRITE = """
+import json, os, resource, signal, sys
+from pathlib import Path
+from broker.audit import AuditLog
+from broker.errors import AuditUnavailable
+from tests.fakes import FakeClock
+path = Path(sys.argv[1])
+audit = AuditLog(path, FakeClock())
+audit.open()
+audit.event("vault_login", method="approle")
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit is cut short, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + 20, resource.RLIM_INFINITY))
+try:
+    audit.event("token_served", profile="demo", identity="cn:job", generation=1, token_fp="0123456789abcdef")
+except AuditUnavailable:
+    print("refused")
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+audit.event("token_rotated", profile="demo")
+"""
+
+
+def test_a_line_a_full_disk_cut_short_is_taken_back(tmp_path: Path) -> None:
+    """Not left in the middle of the file for the next event to be glued onto."""
+    path = tmp_path / "audit.jsonl"
+    ran = subprocess.run([sys.executable, "-c", SHORT_WRITE, str(path)], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert ran.returncode == 0 and ran.stdout == "refused\n", ran
+    assert [json.loads(line)["event"] for line in path.read_text().splitlines()] == ["vault_login", "token_rotated"]

@@ -265,6 +265,7 @@ async def test_family_requests_while_logged_out_do_not_each_start_a_login(broker
         assert_error(answer, 503, "unavailable", "cannot mint a token right now", "retry later")
         assert answer.headers["Retry-After"] == "2"
     assert logins() - before <= 3, "a burst of job requests did not turn into a burst of logins"
+    assert b.metric("broker_token_requests_total", profile="deploy", outcome="unavailable") == 15
     status, _ = await b.ops("/healthz")
     assert status == 200, "still serving: the process answers, and jobs get a clear 503 until Vault is back"
 
@@ -502,6 +503,8 @@ async def test_a_family_token_that_cannot_be_audited_is_not_served(brokers: Brok
             answer = await raw(b, method, path, json=body)
             assert_error(answer, 503, "audit_unavailable", "cannot write its audit log, so it hands out no tokens")
         assert sorted(_live_deploy_tokens(b)) == sorted(live_before), "both minted tokens are revoked at Vault"
+        assert b.metric("broker_token_requests_total", profile="deploy", outcome="audit_unavailable") == 1
+        assert b.metric("broker_token_requests_total", profile="_any", outcome="audit_unavailable") == 1
     finally:
         audit.unlink()
         b.broker.audit.reopen()

@@ -76,10 +76,13 @@ def _audit(deps: ApiDeps, event: str, **fields: object) -> None:
     try:
         deps.audit.event(event, **fields)  # type: ignore[arg-type]
     except AuditUnavailable:
-        raise _audit_unavailable() from None
+        profile = fields.get("profile")
+        raise _audit_unavailable(deps, profile if isinstance(profile, str) else "_unknown") from None
 
 
-def _audit_unavailable() -> ApiError:
+def _audit_unavailable(deps: ApiDeps, profile: str) -> ApiError:
+    """Counted, so that jobs refused for this show on dashboards, not only in /readyz."""
+    deps.metrics.count_request(profile, "audit_unavailable")
     return ApiError(503, "the broker cannot write its audit log, so it hands out no tokens; ops must fix it",
                     code="audit_unavailable", headers={"Retry-After": "5"})
 
@@ -318,7 +321,8 @@ def _issued_body(issued: Issued) -> dict[str, object]:
     }
 
 
-def _family_unavailable(exc: VaultError) -> ApiError:
+def _family_unavailable(deps: ApiDeps, profile: str, exc: VaultError) -> ApiError:
+    deps.metrics.count_request(profile, "unavailable")
     return ApiError(503, f"cannot mint a token right now ({exc.detail}); retry later", headers={"Retry-After": "2"})
 
 
@@ -331,9 +335,9 @@ async def create_family(request: web.Request) -> web.Response:
     try:
         issued = await _families(deps).create(profile.name, caller, identity)
     except VaultError as exc:
-        raise _family_unavailable(exc) from None
+        raise _family_unavailable(deps, profile.name, exc) from None
     except AuditUnavailable:
-        raise _audit_unavailable() from None
+        raise _audit_unavailable(deps, profile.name) from None
     return web.json_response(_issued_body(issued))
 
 
@@ -374,10 +378,10 @@ async def refresh(request: web.Request) -> web.Response:
         issued = await _families(deps).refresh(refresh_token, caller)
     except RefreshRejected as exc:
         raise ApiError(401, str(exc), code=exc.code) from None
-    except VaultError as exc:
-        raise _family_unavailable(exc) from None
+    except VaultError as exc:  # the family's profile is not known here: the caller's guess is no label
+        raise _family_unavailable(deps, "_any", exc) from None
     except AuditUnavailable:
-        raise _audit_unavailable() from None
+        raise _audit_unavailable(deps, "_any") from None
     return web.json_response(_issued_body(issued))
 
 
