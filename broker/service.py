@@ -20,7 +20,7 @@ from broker.api.fastpath import FastPathConnections
 from broker.api.ratelimit import RateLimiter
 from broker.audit import AuditLog
 from broker.clock import Clock, SystemClock
-from broker.config import Config
+from broker.config import Config, load_config
 from broker.errors import BrokerError, CertError, ConfigError
 from broker.metrics import Metrics
 from broker.ops.server import OpsDeps, make_ops_app
@@ -36,6 +36,8 @@ from broker.vault.client import VaultClient, VaultClientConfig
 log = logging.getLogger("broker.service")
 
 SHUTDOWN_TIMEOUT = 10.0  # in-flight requests get this long to finish on SIGTERM
+LOGOUT_TIMEOUT = 5.0  # on shutdown, at most this long revoking the broker's own Vault login
+FAMILY_VAULT_WORKERS = 4  # threads for per-job family calls to Vault, apart from the broker's own 4
 
 
 class TLSSockSite(web.SockSite):
@@ -104,9 +106,25 @@ class Broker:
 
     def reload(self) -> None:
         """SIGHUP: new certificates for new connections, and the audit log reopened at its path
-        (logrotate's rename-and-create rotation)."""
+        (logrotate's rename-and-create rotation). Nothing else of the config is applied."""
         self.reload_tls()
         self.audit.reopen()
+        self._warn_if_config_changed()
+
+    def _warn_if_config_changed(self) -> None:
+        """An operator who narrowed an allow-list and sent SIGHUP must not believe it applies."""
+        source = self.config.source
+        if source is None:
+            return
+        try:
+            changed = load_config(source) != self.config
+        except ConfigError as exc:
+            log.warning("config_not_reloaded path=%s reason=the file is not valid now (%s); SIGHUP applies only "
+                        "certificates and the audit log; run broker check", source, "; ".join(exc.problems)[:300])
+            return
+        if changed:
+            log.warning("config_not_reloaded path=%s reason=the file changed since the start; SIGHUP applies only "
+                        "certificates and the audit log: restart the broker to apply it", source)
 
     def reload_tls(self) -> None:
         try:
@@ -187,6 +205,9 @@ class Broker:
                     task.cancel()
             if self.config.server.revoke_on_shutdown:
                 await self._revoke_everything()
+            # Last, after anything above that still needed it: our own login ends with us rather
+            # than at its TTL (unless it is the operator's token, which auth never revokes).
+            await self.auth.logout(LOGOUT_TIMEOUT)
         finally:
             await self._stop_listeners()
             self.vault.close()
@@ -220,7 +241,10 @@ def build(config: Config, clock: Clock | None = None, registry: CollectorRegistr
         for name, profile in config.profiles.items() if profile.mode == "shared"
     }
     per_job = any(p.mode == "per-job" for p in config.profiles.values())
-    families = FamilyManager(config.profiles, vault, auth, revocations, store, clock, audit, metrics) if per_job else None
+    # Family starts and refreshes are driven by jobs, so they come in bursts; on a lane of their
+    # own they cannot take the threads that rotations, checks, logins and revocations need.
+    families = FamilyManager(config.profiles, vault.lane("vault-families", FAMILY_VAULT_WORKERS), auth, revocations,
+                             store, clock, audit, metrics) if per_job else None
     return Broker(config=config, clock=clock, metrics=metrics, audit=audit, store=store, vault=vault, auth=auth,
                   cache=cache, revocations=revocations, rotators=rotators, families=families,
                   tls_context=ReloadableOpenSSLContext(config.server) if config.server.tls_engine == "openssl"

@@ -701,6 +701,30 @@ async def test_sighup_applies_the_startup_checks_and_keeps_the_old_context(
     await assert_still_serving(b)
 
 
+async def test_sighup_says_that_a_changed_config_is_not_applied(own_broker: RunningBroker,
+                                                                log_lines: list[str]) -> None:
+    b = own_broker
+    source = b.broker.config.source
+    assert source is not None
+    seen = len(log_lines)
+    await _sighup(b, log_lines)
+    assert not [line for line in log_lines[seen:] if "config_not_reloaded" in line], "unchanged: nothing to say"
+
+    source.write_text(source.read_text().replace('allow = ["cn:job"', 'allow = ["cn:nobody"'))
+    seen = len(log_lines)
+    await _sighup(b, log_lines)
+    assert [line for line in log_lines[seen:] if "config_not_reloaded" in line] == [
+        f"WARNING broker.service config_not_reloaded path={source} reason=the file changed since the start; "
+        "SIGHUP applies only certificates and the audit log: restart the broker to apply it"]
+    await assert_still_serving(b)  # the allow-list in force is still the one read at the start
+
+    source.write_text("[server\n")
+    seen = len(log_lines)
+    await _sighup(b, log_lines)
+    warned = [line for line in log_lines[seen:] if "config_not_reloaded" in line]
+    assert len(warned) == 1 and "the file is not valid now" in warned[0] and "run broker check" in warned[0]
+
+
 def _handshake_in_memory(pki: Pki, certificates: KnownCertificates, client: str = "job") -> None:
     """A full TLS 1.3 handshake between a stdlib client and the openssl engine's context, over
     memory buffers; raises the server's SSL.Error if it refuses."""
