@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +118,25 @@ async def test_sigterm_lets_in_flight_requests_finish(brokers: BrokerFactory, op
             await asyncio.open_connection("127.0.0.1", b.broker.api_port)
     finally:
         await proxy.stop()
+
+
+RAISE_NOFILE = """
+import resource
+from broker.service import raise_open_files_limit
+print(*raise_open_files_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+
+
+def test_serve_raises_a_low_open_files_limit_to_the_hard_one() -> None:
+    """`ulimit -n 64` (or systemd's 1024) would make a busy listener refuse connections silently."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    wanted = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 16)
+    assert wanted > 64, "the machine's hard limit leaves nothing to raise"
+
+    def low() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+
+    ran = subprocess.run([sys.executable, "-c", RAISE_NOFILE], capture_output=True, text=True, timeout=60,
+                         preexec_fn=low)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.split() == ["64", str(wanted), str(wanted)]
