@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import resource
 import signal
 import socket
 from collections.abc import Callable
@@ -261,6 +262,29 @@ def tune_interpreter() -> None:
     import sys
 
     sys.setswitchinterval(SWITCH_INTERVAL)
+    raise_open_files_limit()
+
+
+# Enough for any runner host's jobs; a hard limit of "unlimited" is not taken literally.
+OPEN_FILES_WANTED = 1 << 16
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit (at most OPEN_FILES_WANTED), as Go programs do at
+    start: each client connection is a descriptor, the usual soft limit is 1024 (systemd's
+    default too), and a listener out of descriptors refuses connections without a log line.
+    Returns (before, after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_WANTED)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("open_files_limit_unchanged soft=%d hard=%d error=%s", soft, hard, exc)
+            return soft, soft
+        log.info("open_files_limit soft=%d (was %d) hard=%d", wanted, soft, hard)
+        return soft, wanted
+    return soft, soft
 
 
 def install_uvloop() -> None:
