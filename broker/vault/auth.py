@@ -2,10 +2,17 @@
 
 One small interface per boundary: an ``AuthMethod`` turns a credential on disk into a
 ``Login``. The ``Authenticator`` tries the configured methods in order (primary, then
-fallbacks), renews the resulting token, logs in again near its max TTL or when Vault answers
-403, and is the only place that knows whether the broker is authenticated. A login is kept
-until it expires or Vault refuses it: a renewal or re-login that fails during an outage does
+fallbacks), renews the resulting token, logs in again near its max TTL or when Vault says our
+token is gone, and is the only place that knows whether the broker is authenticated. A login is
+kept until it expires or Vault refuses it: a renewal or re-login that fails during an outage does
 not throw away a token that still works.
+
+A 403 alone does not mean our token is gone: Vault gives the same answer when the broker's
+policy lacks a capability, and logging in again cannot fix that. So a 403 is followed by a
+lookup-self (in Vault's default policy): only a token Vault no longer knows is replaced. Every
+login that replaces another revokes the old token (revoke-self, in the background, best effort),
+and a clean shutdown revokes the last one: logins do not pile up at Vault until their TTL. A
+token the operator configured (``method = "token"``) is theirs, and never revoked here.
 """
 
 from __future__ import annotations
@@ -273,6 +280,11 @@ class Authenticator:
         self._ready = asyncio.Event()
         self._changed = asyncio.Event()
         self._relogin: asyncio.Future[Login] | None = None
+        # Counts every change of login (a new one, or losing it). A caller notes it before a
+        # Vault call; if it changed by the time the call failed, someone already logged in again.
+        self._serial = 0
+        self._alive_check: tuple[int, asyncio.Future[bool]] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()  # revocations of replaced logins
         self._login_failed_at: float | None = None
         self._preferred_failures = 0
         self._rotation_failures = 0
@@ -287,6 +299,8 @@ class Authenticator:
         return self._login is not None
 
     def _set_login(self, login: Login | None, method: AuthMethod | None) -> None:
+        previous, previous_method = self._login, self._current
+        self._serial += 1
         self._login = login
         self._current = method if login is not None else None
         self.method = self._current.name if self._current is not None else None
@@ -301,7 +315,51 @@ class Authenticator:
             self._logged_in_at = self._clock.now()
             self._valid_until = self._logged_in_at + login.ttl if login.ttl > 0 else None
             self._ready.set()
+            if previous is not None and previous.token != login.token:
+                self._retire(previous, previous_method, "replaced")
         self._changed.set()
+
+    def _retire(self, login: Login, method: AuthMethod | None, reason: str) -> None:
+        """Revoke a login the broker no longer uses, in the background: it must not delay the
+        callers waiting for the new one, and a failure only means it lives until its TTL."""
+        if method is None:
+            return
+        if method.name == "token":
+            # A token the operator gave us may be used elsewhere too: theirs to revoke, never ours.
+            log.info("vault_logout method=token reason=%s action=kept (the operator's token is never revoked "
+                     "by the broker)", reason)
+            return
+        task = asyncio.get_running_loop().create_task(self._revoke_login(login, method.name, reason))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _revoke_login(self, login: Login, method: str, reason: str) -> None:
+        accessor_fp = fingerprint(login.accessor) if login.accessor else "unknown"
+        try:
+            await self._vault.revoke_self_with(login.token)
+        except VaultError as exc:
+            log.warning("vault_logout_failed method=%s accessor_fp=%s reason=%s error=%s action=it expires at its "
+                        "TTL", method, accessor_fp, reason, exc)
+            return
+        log.info("vault_logout method=%s accessor_fp=%s reason=%s", method, accessor_fp, reason)
+
+    async def logout(self, timeout: float) -> None:
+        """Clean shutdown: revoke the broker's own login (unless it is the operator's token) and
+        wait, at most ``timeout`` seconds, for that and for revocations of replaced logins."""
+        if self._relogin is not None and not self._relogin.done():
+            self._relogin.cancel()
+        login, method = self._login, self._current
+        if login is not None:
+            self._set_login(None, None)
+            self._retire(login, method, "shutdown")
+        if not self._retiring:
+            return
+        _, unfinished = await asyncio.wait(set(self._retiring), timeout=timeout)
+        for task in unfinished:
+            task.cancel()
+        if unfinished:
+            log.warning("vault_logout_failed count=%d error=no answer from Vault within %gs action=they expire at "
+                        "their TTL", len(unfinished), timeout)
 
     def _record(self, event: str, **fields: str | None) -> None:
         try:
@@ -378,24 +436,62 @@ class Authenticator:
             return
         self._adopt(method, login)
 
-    async def _login_until_success(self) -> None:
+    async def _login_until_success(self, seen: int | None = None) -> None:
+        """Log in, with backoff between failures. ``seen``: the login serial when the need was
+        noticed (default: now). Ends without a login of its own when one happened meanwhile: a
+        caller's ``call`` may log in while this sleeps in its backoff."""
+        seen = self._serial if seen is None else seen
         failures = 0
         while True:
             try:
-                await self.relogin()
+                await self.relogin(seen)
                 return
             except VaultError:
+                seen = self._serial  # what the failed attempt left: no login
                 failures += 1
                 await self._clock.sleep(policy.backoff_delay(failures, self._rng.random(), self._clock.now(), None))
 
-    async def relogin(self) -> None:
-        """Log in again after Vault refused our token; concurrent callers share one attempt."""
-        if self._relogin is None or self._relogin.done():
-            self._relogin = asyncio.ensure_future(self.login())
+    async def relogin(self, seen: int | None = None) -> None:
+        """Log in again; concurrent callers share one attempt.
+
+        ``seen``: the login serial under which the caller saw its failure. If the broker has
+        logged in since, that login is the answer and no other is made (a 403 that raced a
+        re-login, a backoff that ended after someone else logged in)."""
+        if self._relogin is not None and not self._relogin.done():
+            await asyncio.shield(self._relogin)
+            return
+        if seen is not None and seen != self._serial and self._login is not None:
+            return
+        self._relogin = asyncio.ensure_future(self.login())
+        # Nobody may be left awaiting it (a caller cancelled); its failure is recorded already.
+        self._relogin.add_done_callback(lambda f: f.cancelled() or f.exception())
         await asyncio.shield(self._relogin)
 
+    async def _token_gone(self, seen: int, login: Login) -> bool:
+        """After a 403 under ``login``: is its token gone at Vault (revoked, expired, a Vault
+        restored from backup)? If not, the 403 came from our policy. Every caller refused
+        under the same login shares one lookup."""
+        check = self._alive_check
+        if check is None or check[0] != seen or check[1].done():
+            future = asyncio.ensure_future(self._vault.token_is_valid(login.token))
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._alive_check = check = (seen, future)
+        return not await asyncio.shield(check[1])
+
+    def _policy_denied(self, exc: VaultPermissionDenied) -> VaultPermissionDenied:
+        """A 403 to a token Vault knows: the broker's policy lacks a capability. Logging in
+        again would get the same policy, so it is reported, not retried with a new login.
+        Still retryable: callers back off and try again, and an operator may fix the policy."""
+        log.error("vault_permission_denied operation=%s action=none error=%s cause=the broker's Vault policy lacks "
+                  "the capability for this call (its token is valid; a new login would not help)",
+                  exc.operation, exc.detail)
+        return VaultPermissionDenied(exc.operation, f"the broker's Vault policy does not allow this call "
+                                                    f"(its token is valid): {exc.detail}")
+
     async def call(self, op: Callable[[], Awaitable[T]]) -> T:
-        """Run a Vault operation with the broker's token; on 403 log in again once and retry.
+        """Run a Vault operation with the broker's token. On 403: if our token is gone, log in
+        again once (shared with concurrent callers) and retry; if it is valid, or a fresh login
+        is refused too, the policy is at fault and the error says so.
 
         Not logged in, and the last login failed moments ago: fail at once rather than let every
         caller (a burst of per-job requests during an outage) start a login of its own."""
@@ -403,13 +499,21 @@ class Authenticator:
             failed_at = self._login_failed_at
             if failed_at is not None and self._clock.monotonic() - failed_at < LOGIN_RETRY_FLOOR:
                 raise VaultUnavailable("login", self.last_error or "not logged in to Vault")
-            await self.relogin()
+            await self.relogin(self._serial)
+        seen, login = self._serial, self._login
         try:
             return await op()
-        except VaultPermissionDenied:
-            log.warning("vault_permission_denied action=relogin")
-            await self.relogin()
+        except VaultPermissionDenied as exc:
+            denied = exc
+        if login is not None and not await self._token_gone(seen, login):
+            raise self._policy_denied(denied)
+        log.warning("vault_permission_denied operation=%s action=relogin cause=Vault no longer knows the broker's "
+                    "token", denied.operation)
+        await self.relogin(seen)
+        try:
             return await op()
+        except VaultPermissionDenied as exc:
+            raise self._policy_denied(exc) from None
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -496,12 +600,22 @@ class Authenticator:
             self._expired()
             return
         if login.renewable:
+            seen = self._serial
             try:
                 new_ttl = await self._vault.renew_self()
             except VaultPermissionDenied as exc:
-                log.warning("vault_renew_failed error=%s action=relogin", exc)
-                await self._login_until_success()  # Vault refused the token: nothing left to keep
-                return
+                try:
+                    gone = await self._token_gone(seen, login)
+                except VaultUnavailable as down:
+                    self._keep_login_and_retry(down)
+                    return
+                if gone:
+                    log.warning("vault_renew_failed error=%s action=relogin", exc)
+                    await self._login_until_success(seen)  # Vault forgot the token: nothing left to keep
+                    return
+                # The policy lacks renew-self: a new login below replaces this one.
+                log.warning("vault_renew_failed error=%s action=replace cause=the broker's Vault policy lacks "
+                            "renew-self", exc)
             except VaultUnavailable as exc:
                 self._keep_login_and_retry(exc)
                 return

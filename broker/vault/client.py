@@ -1,7 +1,11 @@
 """The only module that imports hvac.
 
 hvac is blocking, so every call runs on a small dedicated thread pool with a timeout; the event
-loop never waits on Vault. Every failure is classified here, once, into the ``VaultError``
+loop never waits on Vault. Per-job family calls get a pool of their own (``lane``), so a burst of
+job starts cannot take the threads the broker's own work needs (shared-profile rotations and
+checks, its login and renewal, revocations). A call's timeout starts when a thread picks it up:
+waiting behind other slow calls is not Vault being slow. The wait for a thread is bounded too
+(``queue_timeout``), so nothing waits forever. Every failure is classified here, once, into the ``VaultError``
 tree (retryable ``VaultUnavailable`` / ``VaultPermissionDenied`` vs the fatal rest), and every
 call is counted in ``broker_vault_requests_total`` and timed. Responses are reduced to the
 fields the broker needs: Vault's lookup answers carry the token itself (``id``), so raw
@@ -12,12 +16,13 @@ answer without a needed field is a ``VaultError`` like any other failure.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -37,6 +42,7 @@ from broker.errors import (
 from broker.metrics import Metrics
 
 T = TypeVar("T")
+log = logging.getLogger("broker.vault")
 
 
 @dataclass(frozen=True)
@@ -79,9 +85,38 @@ class TokenInfo:
 @dataclass(frozen=True)
 class VaultClientConfig:
     address: str
-    timeout: float = 5.0
+    timeout: float = 5.0  # per socket operation; a whole call may take 2 * timeout + 1 s
     ca_cert: str | None = None
-    workers: int = 4
+    workers: int = 4  # threads of the broker's own lane (and of each lane made with ``lane``)
+    queue_timeout: float = 30.0  # how long a call may wait for a free thread before it fails
+
+    @property
+    def call_timeout(self) -> float:
+        """The bound of one call from the moment a thread runs it. The HTTP timeout bounds each
+        socket operation; a call has a few (connect, send, a slow answer), hence the margin."""
+        return self.timeout * 2 + 1
+
+
+class _Timing:
+    """When a worker thread started and finished one call (perf_counter), for its bound and the
+    duration metric; None until then. Written by the thread, read on the event loop."""
+
+    __slots__ = ("started", "ended")
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+        self.ended: float | None = None
+
+
+def _start_call_bound(bound: asyncio.Timeout, seconds: float) -> None:
+    """On the event loop, once a thread has picked a call up: from now on only the call's own
+    bound applies, not what was left of the wait for a thread."""
+    if bound.expired():
+        return
+    try:
+        bound.reschedule(asyncio.get_running_loop().time() + seconds)
+    except RuntimeError:
+        pass  # the caller already stopped waiting (the call ended, or it was cancelled)
 
 
 # AppRole role_ids and secret_ids are UUIDs; Vault or a proxy in front of it may echo one.
@@ -188,11 +223,23 @@ def _token_info(data: dict[str, Any]) -> TokenInfo:
 
 
 class VaultClient:
-    def __init__(self, config: VaultClientConfig, metrics: Metrics) -> None:
+    def __init__(self, config: VaultClientConfig, metrics: Metrics, *, name: str = "vault",
+                 shared: hvac.Client | None = None) -> None:
         self._config = config
         self._metrics = metrics
-        self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="vault")
-        self._hvac = self._new_hvac()
+        self._name = name
+        self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix=name)
+        # A lane shares its owner's hvac client, and so its token: a login is seen by every lane.
+        self._owns_hvac = shared is None
+        self._hvac = shared if shared is not None else self._new_hvac()
+        self._lanes: list[VaultClient] = []
+
+    def lane(self, name: str, workers: int) -> VaultClient:
+        """The same Vault, the same token, threads of its own: for callers (per-job family
+        starts) whose bursts must not make the broker's own calls wait."""
+        lane = VaultClient(replace(self._config, workers=workers), self._metrics, name=name, shared=self._hvac)
+        self._lanes.append(lane)
+        return lane
 
     def _new_hvac(self, cert: tuple[str, str] | None = None) -> hvac.Client:
         return hvac.Client(url=self._config.address, timeout=self._config.timeout, session=self._session(cert))
@@ -222,28 +269,53 @@ class VaultClient:
         self._hvac.token = token
 
     def close(self) -> None:
+        for lane in self._lanes:
+            lane.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
-        self._hvac.adapter.close()
+        if self._owns_hvac:
+            self._hvac.adapter.close()
 
     async def _call(self, operation: str, fn: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
-        started = time.perf_counter()
+        timing = _Timing()
+        bound = asyncio.timeout(self._config.queue_timeout)
         outcome = "error"
+
+        def timed() -> T:
+            timing.started = time.perf_counter()
+            loop.call_soon_threadsafe(_start_call_bound, bound, self._config.call_timeout)
+            try:
+                return fn()
+            finally:
+                timing.ended = time.perf_counter()
+
         try:
-            # The HTTP timeout bounds each socket operation; this bounds the whole call.
+            # First the wait for a thread is bounded, then (from ``timed``) the call itself. A
+            # call that times out while still queued is cancelled and never runs.
             # asyncio.timeout, not wait_for: 3.11's wait_for drops a cancel that arrives as
             # the call completes, and shutdown would wait on a task that never saw it.
-            async with asyncio.timeout(self._config.timeout * 2 + 1):
-                result = await loop.run_in_executor(self._executor, fn)
+            async with bound:
+                result = await loop.run_in_executor(self._executor, timed)
             outcome = "success"
             return result
         except Exception as exc:  # noqa: BLE001 - classified right here, once
-            error = classify(operation, exc)
+            if isinstance(exc, TimeoutError) and timing.started is None:
+                log.warning("vault_queue_timeout operation=%s pool=%s waited=%ss", operation, self._name,
+                            f"{self._config.queue_timeout:g}")
+                error: VaultError = VaultUnavailable(
+                    operation, f"no free Vault worker within {self._config.queue_timeout:g}s "
+                               "(every worker is busy with slower calls)")
+            else:
+                error = classify(operation, exc)
             outcome = "unavailable" if isinstance(error, VaultUnavailable) else type(error).__name__
             raise error from None
         finally:
             self._metrics.vault_requests.labels(operation, outcome).inc()
-            self._metrics.vault_duration.labels(operation).observe(time.perf_counter() - started)
+            # Time at Vault: from when a thread started the call to its answer (or to giving up
+            # on it), never the wait for a thread. A call that never started has none.
+            if timing.started is not None:
+                ended = timing.ended if timing.ended is not None else time.perf_counter()
+                self._metrics.vault_duration.labels(operation).observe(ended - timing.started)
 
     # --- the broker's own credential -------------------------------------------------
 
@@ -280,6 +352,39 @@ class VaultClient:
                          meta=dict(data.get("meta") or {}))
 
         return await self._call("login_token", call)
+
+    async def token_is_valid(self, token: str) -> bool:
+        """Whether Vault still knows ``token`` (a lookup-self with it, which Vault's default
+        policy allows): after a 403, this tells a token that is gone from a policy that lacks
+        the capability. Any 403 here counts as gone."""
+
+        def call() -> None:
+            client = self._new_hvac()
+            client.token = token
+            try:
+                client.auth.token.lookup_self()
+            finally:
+                client.adapter.close()
+
+        try:
+            await self._call("lookup_self", call)
+        except (VaultPermissionDenied, TokenInvalid):
+            return False
+        return True
+
+    async def revoke_self_with(self, token: str) -> None:
+        """Revoke ``token`` (one of the broker's own logins, no longer used) with itself:
+        revoke-self is in Vault's default policy, so no extra capability is needed."""
+
+        def call() -> None:
+            client = self._new_hvac()
+            client.token = token
+            try:
+                client.auth.token.revoke_self()
+            finally:
+                client.adapter.close()
+
+        await self._call("revoke_self", call)
 
     async def renew_self(self) -> float:
         """Renew the broker's own token; returns the new TTL in seconds."""
