@@ -190,7 +190,11 @@ async def test_a_failed_queue_write_during_a_rotation_never_schedules_the_token_
     break_file(state_dir / "revocations.json")
 
     status, body, _ = await b.request("POST", "/v1/tokens/demo/rotate", cert="ops")
-    assert status == 503 and body["error"] == "unavailable" and "cannot persist state" in body["message"]
+    assert status == 503 and body["error"] == "unavailable"
+    assert "the state directory cannot be written (Is a directory)" in body["message"]
+    assert str(state_dir) not in body["message"], "a job or admin is told what, not the broker's file layout"
+    last_error = b.broker.cache.get("demo").last_error or ""
+    assert last_error.startswith("record: the state directory cannot be written"), "not blamed on Vault's verify"
     assert b.generation() == 1
     assert fingerprint(first) not in pending_fps(b), "the current token must not be queued for revocation"
     issued = json.loads((state_dir / "profiles.json").read_text())
@@ -214,7 +218,7 @@ async def test_a_failed_profiles_write_during_a_rotation_takes_back_the_schedule
     break_file(state_dir / "profiles.json")
 
     status, body, _ = await b.request("POST", "/v1/tokens/demo/rotate", cert="ops")
-    assert status == 503 and "cannot persist state" in body["message"]
+    assert status == 503 and "the state directory cannot be written" in body["message"]
     assert b.generation() == 1
     assert fingerprint(first) not in pending_fps(b)
     assert fingerprint(first) not in {e.token_fp for e in b.broker.store.load_revocations()}

@@ -22,7 +22,7 @@ def profile_report(now: float, state: ProfileState) -> dict[str, object]:
     if not policy.is_servable(now, current):
         reasons.append("no valid current token")
     if state.unhealthy:
-        reasons.append(f"{state.consecutive_failures} consecutive Vault failures: {state.last_error}")
+        reasons.append(f"{state.consecutive_failures} consecutive failures: {state.last_error}")
     return {
         "ready": not reasons,
         "generation": state.generation,

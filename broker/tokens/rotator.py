@@ -40,6 +40,10 @@ class BeyondGrant(BrokerError):
                          f"max_ttl caps it), so at most {int(self.limit)}s")
 
 
+class StateUnwritable(Exception):
+    """The state directory refused the record of a new token (a message fit for /readyz)."""
+
+
 class Rotator:
     def __init__(
         self,
@@ -183,25 +187,29 @@ class Rotator:
         try:
             await self._auth.call(lambda: self._vault.lookup_token(minted.token))
         except VaultError as exc:
-            await self._roll_back(token, exc)
+            await self._roll_back(token, exc, "verify")
             raise
         try:
             await self._swap_in(token, reason)
         except OSError as exc:  # the state dir cannot be written: a token we cannot retire is not served
-            await self._roll_back(token, exc)
-            raise VaultUnavailable("rotate", f"cannot persist state: {exc.strerror or exc}") from None
+            # Said without the file's path: this text reaches /readyz and the 503s jobs get.
+            unwritable = StateUnwritable(f"the state directory cannot be written ({exc.strerror or exc}); "
+                                         "the new token was revoked, the current one is still served")
+            await self._roll_back(token, unwritable, "record")
+            raise VaultUnavailable("rotate", str(unwritable)) from None
         self._generation = generation
         return self.state
 
-    async def _roll_back(self, token: Token, exc: Exception) -> None:
-        """A minted token that does not verify is never served, and must not linger at Vault."""
-        log.warning("rotation_rolled_back profile=%s generation=%s token_fp=%s error=%s",
-                    self.name, token.generation, token.fp, exc)
+    async def _roll_back(self, token: Token, exc: Exception, stage: str) -> None:
+        """A minted token that cannot be served (it does not verify, or cannot be recorded for
+        retiring after a restart) is never served, and must not linger at Vault."""
+        log.warning("rotation_rolled_back profile=%s generation=%s token_fp=%s stage=%s error=%s",
+                    self.name, token.generation, token.fp, stage, exc)
         await self._revocations.revoke_or_queue(self._pending(token, self._clock.now()), "rolled_back")
         self._metrics.rotations.labels(self.name, "rolled_back").inc()
         self._record("rotation_rolled_back", generation=token.generation, token_fp=token.fp,
-                     outcome="failure", reason=str(exc))
-        self._failed(exc, "verify", count_metric=False)
+                     outcome="failure", reason=f"{stage}: {exc}")
+        self._failed(exc, stage, count_metric=False)
 
     async def _swap_in(self, token: Token, reason: str) -> None:
         """Persist first, then publish. If a write fails (OSError) nothing has changed: the
