@@ -159,7 +159,8 @@ async def test_connection_cut_mid_request_fails_the_rotation_then_recovers(
     proxy.release()
     status, body, headers = await rotation
     assert status == 503 and set(body) == {"error", "message"} and body["error"] == "unavailable"
-    assert body["message"].startswith("no valid token for profile demo right now (cannot connect to Vault")
+    assert body["message"].startswith("rotating profile demo failed (cannot connect to Vault")
+    assert "the current token (generation 1, " in body["message"], "the admin learns jobs are still served"
     assert body["message"].endswith("retry later") and first["token"] not in body["message"]
     assert int(headers["Retry-After"]) >= 1 and headers["Cache-Control"] == "no-store"
     assert (await b.get_token())["token"] == first["token"]

@@ -219,6 +219,9 @@ async def test_a_failed_profiles_write_during_a_rotation_takes_back_the_schedule
 
     status, body, _ = await b.request("POST", "/v1/tokens/demo/rotate", cert="ops")
     assert status == 503 and "the state directory cannot be written" in body["message"]
+    assert body["message"].startswith("rotating profile demo failed (") and "(generation 1, " in body["message"]
+    assert "s left) is still served; retry later" in body["message"], "not 'no valid token': jobs are served"
+    assert b.metric("broker_token_requests_total", profile="demo", outcome="unavailable") in (None, 0.0)
     assert b.generation() == 1
     assert fingerprint(first) not in pending_fps(b)
     assert fingerprint(first) not in {e.token_fp for e in b.broker.store.load_revocations()}

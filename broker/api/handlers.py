@@ -263,9 +263,21 @@ async def admin_rotate(request: web.Request) -> web.Response:
     try:
         await rotator.rotate("admin")
     except VaultError as exc:
-        raise _unavailable(deps, rotator, exc.detail) from None
+        raise _rotation_failed(deps, rotator, exc.detail) from None
     _audit(deps, "admin_rotate", profile=rotator.name, identity=caller.primary, generation=rotator.state.generation)
     return web.json_response(_admin_body(rotator))
+
+
+def _rotation_failed(deps: ApiDeps, rotator: Rotator, detail: str) -> ApiError:
+    """An admin rotation that failed; not a token request, so not counted as one. The admin
+    is told whether jobs are still being served, not sent looking for an outage."""
+    current, now = rotator.state.current, deps.clock.now()
+    if current is not None and policy.is_servable(now, current):
+        message = (f"rotating profile {rotator.name} failed ({detail}); the current token (generation "
+                   f"{current.generation}, {int(current.expires_at - now)}s left) is still served; retry later")
+    else:
+        message = f"rotating profile {rotator.name} failed ({detail}) and no valid token is served; retry later"
+    return ApiError(503, message, headers={"Retry-After": _retry_after(deps, rotator)})
 
 
 async def admin_revoke(request: web.Request) -> web.Response:
