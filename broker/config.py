@@ -1103,6 +1103,8 @@ def _build(document: dict[str, Any], source: Path, problems: list[str]) -> Confi
     admin = _admin(root.section("admin"))
     profiles = _profiles(root.section("profiles"))
     root.finish()
+    if server.port and (server.host, server.port) == (ops.host, ops.port):
+        problems.append(f"ops.listen: {ops.host}:{ops.port} is server.listen too; give each listener its own port")
     return Config(
         server=server,
         ops=ops,

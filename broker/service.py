@@ -135,7 +135,7 @@ class Broker:
             return
         log.info("tls_reloaded cert=%s client_ca=%s", self.config.server.cert, self.config.server.client_ca)
 
-    async def _start_listeners(self) -> None:
+    async def _start_listeners(self, api_sock: socket.socket, ops_sock: socket.socket) -> None:
         cfg = self.config
         api = web.AppRunner(make_app(ApiDeps(
             profiles=cfg.profiles, admin_allow=cfg.admin.allow, cache=self.cache, rotators=self.rotators,
@@ -150,8 +150,6 @@ class Broker:
             state_error=lambda: self.revocations.state_error,
             per_job_profiles=tuple(name for name, p in cfg.profiles.items() if p.mode == "per-job"),
         )), access_log=None, handle_signals=False, shutdown_timeout=2.0)
-        api_sock = bind(cfg.server.host, cfg.server.port)
-        ops_sock = bind(cfg.ops.host, cfg.ops.port)
         self.api_port = api_sock.getsockname()[1]
         self.ops_port = ops_sock.getsockname()[1]
         for runner in (api, ops):
@@ -182,13 +180,26 @@ class Broker:
                 log.error("shutdown_revoke_failed families error=%s", exc)
 
     async def run(self, stop: asyncio.Event, on_started: Callable[[Broker], None] | None = None) -> None:
-        self.audit.open()
-        self.store.prepare()
-        self.revocations.load()
-        for rotator in self.rotators.values():
-            await rotator.restore()
-        if self.families is not None:
-            self.families.load()
+        # Bound first: a second broker started on the same config by mistake fails here, before
+        # it has touched the state files the running one owns.
+        api_sock = bind(self.config.server.host, self.config.server.port)
+        try:
+            ops_sock = bind(self.config.ops.host, self.config.ops.port)
+        except ConfigError:
+            api_sock.close()
+            raise
+        try:
+            self.audit.open()
+            self.store.prepare()
+            self.revocations.load()
+            for rotator in self.rotators.values():
+                await rotator.restore()
+            if self.families is not None:
+                self.families.load()
+        except BaseException:
+            api_sock.close()
+            ops_sock.close()
+            raise
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = [group.create_task(self.auth.run(), name="auth"),
@@ -196,7 +207,7 @@ class Broker:
                 tasks += [group.create_task(r.run(), name=f"rotator:{r.name}") for r in self.rotators.values()]
                 if self.families is not None:
                     tasks.append(group.create_task(self.families.run(), name="families"))
-                await self._start_listeners()
+                await self._start_listeners(api_sock, ops_sock)
                 if on_started:
                     on_started(self)
                 await stop.wait()

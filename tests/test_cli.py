@@ -402,7 +402,12 @@ async def test_check_of_a_missing_file_names_it_once(tmp_path: Path) -> None:
 
 
 async def test_serve_on_a_port_in_use_is_one_line_exit_2(tmp_path: Path, pki: Pki, openbao: OpenBaoDevServer) -> None:
+    """Also: it changes nothing of the state a broker already running on that port owns."""
     config = _valid_config(tmp_path, pki, openbao)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    record = {"demo": {"accessor": "acc", "generation": 7, "token_fp": "0123456789abcdef", "expires_at": 4e9}}
+    (state / "profiles.json").write_text(json.dumps(record))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -413,6 +418,8 @@ async def test_serve_on_a_port_in_use_is_one_line_exit_2(tmp_path: Path, pki: Pk
     problems = [line for line in run.err.splitlines() if line.startswith("broker serve: ")]
     assert len(problems) == 1 and f"cannot listen on 127.0.0.1:{port}" in problems[0], run.err
     assert "Traceback" not in run.err
+    assert sorted(p.name for p in state.iterdir()) == ["profiles.json"], "no revocation of the running one's token"
+    assert json.loads((state / "profiles.json").read_text()) == record
 
 
 # --- broker certs -------------------------------------------------------------------------------

@@ -1120,3 +1120,9 @@ def test_check_refuses_what_serve_would_in_the_listener_tls_files(tmp_path: Path
     assert _check_lines(config, capsys) == [
         f"server: server key {tmp_path / 'certs/server.key'} does not match the certificate in "
         f"{tmp_path / 'certs/server.pem'}"]
+
+
+def test_the_two_listeners_on_one_address_are_refused(tmp_path: Path) -> None:
+    text = _mutated('[ops]\nlisten = "127.0.0.1:9090"', '[ops]\nlisten = "127.0.0.1:8443"')
+    assert _only_problem(tmp_path, text) == (
+        "ops.listen: 127.0.0.1:8443 is server.listen too; give each listener its own port")
