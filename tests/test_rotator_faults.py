@@ -236,12 +236,15 @@ async def test_a_failed_profiles_write_during_a_rotation_takes_back_the_schedule
 # --- 5. min_ttl -----------------------------------------------------------------------------------
 
 async def test_min_ttl_beyond_what_vault_grants_is_refused_without_minting(brokers: BrokerFactory,
-                                                                        openbao: OpenBaoDevServer) -> None:
+                                                                        openbao: OpenBaoDevServer,
+                                                                        log_lines: list[str]) -> None:
     role = f"short-{os.urandom(4).hex()}"
     setup_token_role(openbao, role, [f"{role}-policy"], max_ttl="30m")  # the profile asks for 1h
     b = await brokers.start(PROFILE, clock=FakeClock(), roles={"demo": role})
     first = await b.get_token()
     assert first["ttl"] <= 1800
+    capped = [line for line in log_lines if "ttl_capped profile=demo" in line]
+    assert capped and capped[0].startswith("WARNING") and "asked=3600s granted=1800s" in capped[0], capped
     mints = lambda: b.metric("broker_vault_requests_total", operation="create_token", outcome="success")  # noqa: E731
     before = mints()
 

@@ -178,6 +178,12 @@ class Rotator:
             raise
         now = self._clock.now()
         expires_at = now + minted.ttl
+        if minted.ttl < p.ttl - 1:
+            # Rotation scales to what was granted, but grace may no longer fit: say so each time.
+            log.warning("ttl_capped profile=%s asked=%ds granted=%ds reason=Vault's token role or policy caps the "
+                        "TTL; rotation follows the granted TTL, and the previous token may expire before its "
+                        "grace ends: raise the role's token_max_ttl or lower the profile's ttl",
+                        p.name, int(p.ttl), int(minted.ttl))
         token = Token(
             value=minted.token, accessor=minted.accessor, generation=generation, issued_at=now,
             expires_at=expires_at,
