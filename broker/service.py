@@ -237,6 +237,7 @@ def build(config: Config, clock: Clock | None = None, registry: CollectorRegistr
         # Series exist from the start at 0, so increase() and alerts see the first event.
         if profile.mode == "per-job":
             metrics.reuse_detected.labels(profile.name)
+            continue  # no shared token, so no rotations: no series that would stay 0 for ever
         for outcome in ("success", "failure", "rolled_back"):
             metrics.rotations.labels(profile.name, outcome)
     audit = AuditLog(config.audit.path, clock, refuse_on_failure=config.audit.on_failure == "refuse")

@@ -195,6 +195,8 @@ async def test_release_revokes_the_family_only_for_its_own_certificate(brokers: 
                                      "pending_revocations": 0}
     assert not token_is_valid(b.vault, first["token"]) and not token_is_valid(b.vault, second["token"])
     assert _events(b, "family_revoked")[0]["reason"] == "released"
+    assert b.metric("broker_token_requests_total", profile="deploy", outcome="released") == 1
+    assert b.metric("broker_rotations_total", profile="deploy", outcome="success") is None, "per-job: no rotations"
     await _refused(b, second["refresh_token"], "refresh_token_invalid", INVALID)
     await _assert_still_serving(b)
 

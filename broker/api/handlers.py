@@ -404,6 +404,7 @@ async def release_family(request: web.Request) -> web.Response:
         family, unconfirmed = await _families(deps).release(request.match_info["family"], caller)
     except FamilyNotFound as exc:
         raise ApiError(404, str(exc)) from None
+    deps.metrics.count_request(family.profile, "released")
     # 200 either way: the family is over and nothing the job does can make Vault answer sooner;
     # "revoked" says whether Vault has confirmed it yet.
     return web.json_response({"family": family.id, "profile": family.profile, "revoked": unconfirmed == 0,
