@@ -123,10 +123,16 @@ def _start_call_bound(bound: asyncio.Timeout, seconds: float) -> None:
 _UUID_IN_TEXT = re.compile(r"(?<![0-9A-Fa-f-])[0-9A-Fa-f]{8}(?:-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}(?![0-9A-Fa-f-])")
 
 
+# hvac appends ", on post http://vault:8200/v1/auth/approle/login": Vault's address and API
+# paths, which the operation name already stands for, have no place in a job's 503 or the audit.
+_REQUEST_IN_TEXT = re.compile(r",? on (?:get|post|put|patch|delete|list|head) \S+", re.IGNORECASE)
+
+
 def _message(exc: hx.VaultError) -> str:
     """What Vault (or a proxy before it) answered, fit for logs, audit and HTTP answers: the
     text can echo parts of the request, so anything credential-shaped goes, then the length."""
-    text = redact_tokens(" ".join(str(exc).split()))
+    text = _REQUEST_IN_TEXT.sub("", " ".join(str(exc).split()))
+    text = redact_tokens(text)
     text = _UUID_IN_TEXT.sub("<redacted id>", text)
     return text[:300] or type(exc).__name__
 
