@@ -87,6 +87,10 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+# The process is exiting: "retried" means by the next start, which reads the state dir.
+_LEFT_QUEUED = "left queued in the state directory; the next start of the broker carries them out"
+
+
 @dataclass
 class Broker:
     config: Config
@@ -172,12 +176,12 @@ class Broker:
             try:
                 await rotator.revoke_everything("shutdown")
             except BrokerError as exc:
-                log.error("shutdown_revoke_failed profile=%s error=%s", rotator.name, exc)
+                log.error("shutdown_revoke_failed profile=%s error=%s action=%s", rotator.name, exc, _LEFT_QUEUED)
         if self.families is not None:
             try:
                 await self.families.end_all("shutdown")
             except BrokerError as exc:
-                log.error("shutdown_revoke_failed families error=%s", exc)
+                log.error("shutdown_revoke_failed families error=%s action=%s", exc, _LEFT_QUEUED)
 
     async def run(self, stop: asyncio.Event, on_started: Callable[[Broker], None] | None = None) -> None:
         # Bound first: a second broker started on the same config by mistake fails here, before

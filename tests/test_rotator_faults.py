@@ -106,7 +106,7 @@ async def test_admin_revoke_during_an_outage_keeps_every_token_queued_and_says_s
 
 
 async def test_revoke_on_shutdown_while_vault_is_down_leaves_the_tokens_queued_for_the_next_start(
-        brokers: BrokerFactory, proxy: TcpProxy) -> None:
+        brokers: BrokerFactory, proxy: TcpProxy, log_lines: list[str]) -> None:
     # A grace of 10 minutes: the restart retires the token it last served after a grace, and
     # that must not put off the revocation promised "now" at shutdown.
     long_grace = {"demo": {"ttl": "1h", "grace": "10m", "rotate_after": "40m"}}
@@ -116,6 +116,9 @@ async def test_revoke_on_shutdown_while_vault_is_down_leaves_the_tokens_queued_f
     await b.shutdown()
     assert token_is_valid(b.vault, token)
     assert fingerprint(token) in {e.token_fp for e in b.broker.store.load_revocations()}
+    failed = [line for line in log_lines if "shutdown_revoke_failed profile=demo" in line]
+    assert failed and failed[0].endswith("action=left queued in the state directory; the next start of the broker "
+                                         "carries them out"), failed
 
     again = await brokers.start(long_grace, directory=b.dir, roles=b.roles, auth=b.auth_entries())  # Vault is back
     again.seen_secrets |= b.seen_secrets
