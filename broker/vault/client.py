@@ -343,16 +343,21 @@ class VaultClient:
 
         return await self._call("login_cert", call)
 
+    def _as(self, token: str, use: Callable[[hvac.Client], T]) -> T:
+        """``use`` on a client of its own that holds ``token`` (not the broker's current one);
+        runs on a worker thread, inside ``_call``."""
+        client = self._new_hvac()
+        client.token = token
+        try:
+            return use(client)
+        finally:
+            client.adapter.close()
+
     async def lookup_self_with(self, token: str) -> Login:
         """Treat a given token as a login: check it works and learn its TTL."""
 
         def call() -> Login:
-            client = self._new_hvac()
-            client.token = token
-            try:
-                data = _field(client.auth.token.lookup_self(), "data")
-            finally:
-                client.adapter.close()
+            data = _field(self._as(token, lambda client: client.auth.token.lookup_self()), "data")
             return Login(token=token, accessor=str(data.get("accessor") or ""),
                          ttl=float(data.get("ttl") or 0), renewable=bool(data.get("renewable")),
                          meta=dict(data.get("meta") or {}))
@@ -364,16 +369,8 @@ class VaultClient:
         policy allows): after a 403, this tells a token that is gone from a policy that lacks
         the capability. Any 403 here counts as gone."""
 
-        def call() -> None:
-            client = self._new_hvac()
-            client.token = token
-            try:
-                client.auth.token.lookup_self()
-            finally:
-                client.adapter.close()
-
         try:
-            await self._call("lookup_self", call)
+            await self._call("lookup_self", lambda: self._as(token, lambda client: client.auth.token.lookup_self()))
         except (VaultPermissionDenied, TokenInvalid):
             return False
         return True
@@ -382,15 +379,7 @@ class VaultClient:
         """Revoke ``token`` (one of the broker's own logins, no longer used) with itself:
         revoke-self is in Vault's default policy, so no extra capability is needed."""
 
-        def call() -> None:
-            client = self._new_hvac()
-            client.token = token
-            try:
-                client.auth.token.revoke_self()
-            finally:
-                client.adapter.close()
-
-        await self._call("revoke_self", call)
+        await self._call("revoke_self", lambda: self._as(token, lambda client: client.auth.token.revoke_self()))
 
     async def renew_self(self) -> float:
         """Renew the broker's own token; returns the new TTL in seconds."""
