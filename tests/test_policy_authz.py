@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -170,6 +171,14 @@ def test_grace_until_is_rotation_plus_grace_or_the_previous_expiry() -> None:
     previous = token(issued_at=0.0, ttl=100.0)
     assert policy.grace_until(60.0, 15.0, previous) == pytest.approx(75.0)
     assert policy.grace_until(90.0, 15.0, previous) == pytest.approx(100.0)
+
+
+def test_check_due_at_skips_a_missing_or_expired_token() -> None:
+    current = token(issued_at=0.0, ttl=1000.0)
+    assert policy.check_due_at(100.0, current, 700.0) == 700.0
+    assert policy.check_due_at(999.9, current, 700.0) == 700.0
+    assert policy.check_due_at(1000.0, current, 700.0) == math.inf, "expired: nothing to ask Vault about"
+    assert policy.check_due_at(100.0, None, 700.0) == math.inf
 
 
 def test_rotation_due_at() -> None:

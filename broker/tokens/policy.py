@@ -6,6 +6,8 @@ testable function; the rotator draws it and does all the I/O.
 
 from __future__ import annotations
 
+import math
+
 from broker.config import ROTATION_JITTER as JITTER  # ±10 %: a fleet of brokers does not mint in lockstep
 from broker.tokens.model import Token
 
@@ -79,6 +81,15 @@ def retry_cap(check_interval: float) -> float:
 def max_min_ttl(ttl: float) -> float:
     """The most ``min_ttl`` a fetch may ask for: a fresh token's lifetime, less the serve margin."""
     return ttl - SERVE_MARGIN
+
+
+def check_due_at(now: float, current: Token | None, next_check_at: float) -> float:
+    """When to look ``current`` up at Vault: never while there is none, or once it has expired
+    (an expired token is no news: rotation replaces it; a lookup would only report its natural
+    end as "no longer valid at Vault")."""
+    if current is None or now >= current.expires_at:
+        return math.inf
+    return next_check_at
 
 
 def rotation_due_at(now: float, current: Token | None, retry_at: float | None) -> float:

@@ -408,7 +408,7 @@ class Rotator:
         now = self._clock.now()
         current = self.state.current
         rotate_due = policy.rotation_due_at(now, current, self._retry_at)
-        check_due = self._next_check_at if current is not None else float("inf")
+        check_due = policy.check_due_at(now, current, self._next_check_at)
         state = self.state
         grace_over = state.grace_until if state.previous is not None and state.grace_until is not None else float("inf")
         if now >= grace_over:
