@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from typing import Any
 
 import pytest
 
@@ -37,6 +38,14 @@ def _parse(answer: bytes) -> tuple[int, dict[str, str], dict]:
     return status, headers, json.loads(body)
 
 
+async def _json_400(b: RunningBroker, request_bytes: bytes) -> dict[str, Any]:
+    """Send ``request_bytes`` over mTLS; the answer must be a 400 with a JSON no-store body."""
+    status, headers, body = _parse(await asyncio.to_thread(_raw_tls, b, request_bytes))
+    assert status == 400
+    assert headers["content-type"].startswith("application/json") and headers["cache-control"] == "no-store"
+    return body
+
+
 @pytest.mark.parametrize("request_bytes", [
     pytest.param(b"GET /v1/whoami HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
                  id="oversized-header"),
@@ -47,9 +56,7 @@ def _parse(answer: bytes) -> tuple[int, dict[str, str], dict]:
 ])
 async def test_malformed_http_gets_a_json_400(brokers: BrokerFactory, request_bytes: bytes) -> None:
     b = await brokers.start()
-    status, headers, body = _parse(await asyncio.to_thread(_raw_tls, b, request_bytes))
-    assert status == 400
-    assert headers["content-type"].startswith("application/json") and headers["cache-control"] == "no-store"
+    body = await _json_400(b, request_bytes)
     assert body["error"] == "bad_request" and body["message"].startswith("malformed HTTP request")
     assert (await b.get_token())["profile"] == "demo"
 
@@ -62,9 +69,7 @@ async def test_malformed_http_gets_a_json_400(brokers: BrokerFactory, request_by
 async def test_only_http_1x_is_served(brokers: BrokerFactory, request_bytes: bytes) -> None:
     """aiohttp's parser reads these request lines without complaint; nothing is served on them."""
     b = await brokers.start()
-    status, headers, body = _parse(await asyncio.to_thread(_raw_tls, b, request_bytes))
-    assert status == 400
-    assert headers["content-type"].startswith("application/json") and headers["cache-control"] == "no-store"
+    body = await _json_400(b, request_bytes)
     assert body == {"error": "bad_request", "message": "only HTTP/1.0 and HTTP/1.1 are served"}
     assert not [e for e in b.audit_events() if e["event"] == "token_served"]
     await assert_still_serving(b)
