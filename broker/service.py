@@ -25,7 +25,7 @@ from broker.config import Config, load_config
 from broker.errors import BrokerError, CertError, ConfigError
 from broker.metrics import Metrics
 from broker.ops.server import OpsDeps, make_ops_app
-from broker.tlsengine import ReloadableOpenSSLContext, tls_protocol_factory
+from broker.tlsengine import ReloadableOpenSSLContext, listener_context, tls_protocol_factory
 from broker.tokens.families import FamilyManager
 from broker.tokens.model import TokenCache
 from broker.tokens.revocations import RevocationQueue
@@ -264,8 +264,7 @@ def build(config: Config, clock: Clock | None = None, registry: CollectorRegistr
                              store, clock, audit, metrics) if per_job else None
     return Broker(config=config, clock=clock, metrics=metrics, audit=audit, store=store, vault=vault, auth=auth,
                   cache=cache, revocations=revocations, rotators=rotators, families=families,
-                  tls_context=ReloadableOpenSSLContext(config.server) if config.server.tls_engine == "openssl"
-                  else tls.ReloadableServerContext(config.server))
+                  tls_context=listener_context(config.server))
 
 
 SWITCH_INTERVAL = 0.0005  # seconds; CPython's default is 5 ms
