@@ -37,6 +37,7 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_RATE_LIMIT = 100_000.0
 MAX_RATE_LIMIT_BURST = 1_000_000.0
 MAX_ALERT_THRESHOLD = 1000
+MAX_FAMILIES_PER_CLIENT = 100_000
 # Vault takes a TTL in whole seconds and reads 0 as "the role's default", so no token is minted
 # with less than this left; a per-job family must last at least this long.
 MIN_TOKEN_TTL = 1.0
@@ -123,6 +124,9 @@ class ProfileConfig:
     alert_threshold: int = 2
     reuse_interval: float = 30.0
     family_max_age: float = 24 * 3600.0
+    # Live families one client certificate may hold in this profile: without a bound, one job's
+    # certificate (or a thief's copy) could mint Vault tokens until Vault's storage fills.
+    max_families_per_client: int = 100
 
 
 @dataclass(frozen=True)
@@ -951,7 +955,7 @@ def _admin(r: _Reader) -> AdminConfig:
 
 _PROFILE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 _PROFILE_MODES = ("shared", "per-job")
-_PER_JOB_ONLY = ("reuse_interval", "family_max_age")
+_PER_JOB_ONLY = ("reuse_interval", "family_max_age", "max_families_per_client")
 _BAD_ROLE_CHARS = re.compile(r"[/?#%\s]")
 
 
@@ -989,6 +993,7 @@ def _profile(name: str, r: _Reader) -> ProfileConfig:
     alert_threshold = r.integer("alert_threshold", 2, minimum=1, maximum=MAX_ALERT_THRESHOLD)
     reuse_interval = r.duration("reuse_interval", "30s", maximum=60.0)
     family_max_age = r.duration("family_max_age", "24h", positive=True)
+    max_families_per_client = r.integer("max_families_per_client", 100, minimum=1, maximum=MAX_FAMILIES_PER_CLIENT)
     if mode == "shared":
         for key in _PER_JOB_ONLY:
             if r.has(key):
@@ -1012,6 +1017,7 @@ def _profile(name: str, r: _Reader) -> ProfileConfig:
         alert_threshold=alert_threshold,
         reuse_interval=reuse_interval,
         family_max_age=family_max_age,
+        max_families_per_client=max_families_per_client,
     )
 
 

@@ -76,6 +76,10 @@ class RefreshRejected(BrokerError):
         self.code = code
 
 
+class FamilyLimitReached(BrokerError):
+    """The caller's certificate already holds its profile's ``max_families_per_client``."""
+
+
 class FamilyNotFound(BrokerError):
     """No live family with that id belongs to the caller's certificate."""
 

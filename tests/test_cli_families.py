@@ -18,7 +18,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 PER_JOB = {"mode": "per-job", "ttl": "60s", "grace": "2s", "rotate_after": "40s", "allow": ["cn:job"]}
 
 
-b = module_broker("cli-families", {"deploy": PER_JOB})
+b = module_broker("cli-families", {"deploy": PER_JOB, "capped": {**PER_JOB, "max_families_per_client": 1}})
 
 
 def _kept(path: Path, b: RunningBroker) -> dict[str, object]:
@@ -252,3 +252,19 @@ async def test_broker_revoke_of_a_per_job_profile_ends_its_families(b: RunningBr
     assert not token_is_valid(b.vault, token)
     run = await broker_cli("refresh", "--refresh-file", str(refresh_file), env=job_env(b))
     assert_one_line_error(run, 1, "refresh_token_invalid", secrets=secrets_of(b))
+
+
+async def test_get_past_the_family_limit_says_so_once_and_is_not_retried(b: RunningBroker, tmp_path: Path) -> None:
+    first = tmp_path / "first.refresh"
+    assert (await broker_cli("get", "capped", "--refresh-file", str(first), env=job_env(b))).code == 0
+    _kept(first, b)
+    second = tmp_path / "second.refresh"
+    run = await broker_cli("get", "capped", "--refresh-file", str(second), env=job_env(b))
+    assert_one_line_error(run, 1, "409", "too_many_families", "already holds 1 live token families of profile capped")
+    assert not second.exists() or second.read_text() == ""
+    assert b.metric("broker_token_requests_total", profile="capped", outcome="family_limit") == 1, "not retried"
+    assert (await broker_cli("release", "--refresh-file", str(first), env=job_env(b))).code == 0
+    run = await broker_cli("get", "capped", "--refresh-file", str(second), env=job_env(b))
+    assert run.code == 0, run
+    b.seen_secrets.add(run.out.strip())
+    _kept(second, b)

@@ -235,7 +235,7 @@ def test_valid_config_loads(tmp_path: Path) -> None:
     jobs = config.profiles["jobs"]
     assert jobs.mode == "per-job"
     assert jobs.policies == ()
-    assert (jobs.reuse_interval, jobs.family_max_age) == (20.0, 86400.0)
+    assert (jobs.reuse_interval, jobs.family_max_age, jobs.max_families_per_client) == (20.0, 86400.0, 100)
     assert isinstance(jobs.allow, tuple)
     assert check_config(tmp_path / "broker.toml") == []
 
@@ -811,12 +811,28 @@ def test_negative_grace_and_zero_ttl(tmp_path: Path) -> None:
 
 def test_per_job_keys_on_shared_profile(tmp_path: Path) -> None:
     text = _mutated('alert_threshold = 2', 'alert_threshold = 2\nreuse_interval = "10s"\n'
-                    'family_max_age = "1h"')
+                    'family_max_age = "1h"\nmax_families_per_client = 5')
     message = 'only per-job profiles use this; remove it or set mode = "per-job"'
     assert _problems(tmp_path, text) == [
         f"profiles.deploy.reuse_interval: {message}",
         f"profiles.deploy.family_max_age: {message}",
+        f"profiles.deploy.max_families_per_client: {message}",
     ]
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("0", "0 is too small; the minimum is 1"),
+    ("100001", "100001 is too large; the maximum is 100000"),
+    ('"10"', "expected an integer, got a string ('10')"),
+    ("2.5", "expected an integer, got a number (2.5)"),
+])
+def test_max_families_per_client_range(tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str,
+                                       expected: str) -> None:
+    config = _setup(tmp_path, _mutated('reuse_interval = "20s"', f'reuse_interval = "20s"\nmax_families_per_client = {value}'))
+    assert _check_lines(config, capsys) == [f"profiles.jobs.max_families_per_client: {expected}"]
+    limit = load_config(_setup(tmp_path, _mutated('reuse_interval = "20s"',
+                                                  'reuse_interval = "20s"\nmax_families_per_client = 100000')))
+    assert limit.profiles["jobs"].max_families_per_client == 100000
 
 
 def test_reuse_interval_maximum(tmp_path: Path) -> None:

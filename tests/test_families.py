@@ -597,3 +597,37 @@ async def test_an_admin_revoke_of_a_per_job_profile_ends_every_family_of_it(brok
     await _create(b)  # the profile keeps working for new jobs
     rotate = await raw(b, "POST", "/v1/tokens/deploy/rotate", cert="ops")
     assert_error(rotate, 404, "not_found", "profile deploy is per-job", "revoke ends all its families")
+
+
+async def test_a_certificate_holds_at_most_max_families_per_client(brokers: BrokerFactory) -> None:
+    b = await brokers.start({"deploy": {**PER_JOB, "max_families_per_client": 2}})
+    answers = await asyncio.gather(*(raw(b, "POST", "/v1/tokens/deploy") for _ in range(4)))
+    started = [a.json() for a in answers if a.status == 200]
+    b.seen_secrets |= {body["refresh_token"] for body in started}
+    assert len(started) == 2, "concurrent starts cannot overshoot the limit"
+    for refused in (a for a in answers if a.status != 200):
+        assert_error(refused, 409, "too_many_families", "already holds 2 live token families of profile deploy",
+                     "max_families_per_client", "DELETE /v1/families/")
+    assert len(_events(b, "family_created")) == 2, "a refused start mints nothing"
+    denied = [(e["profile"], e["identity"], e["reason"]) for e in _events(b, "token_denied")]
+    assert denied == [("deploy", "cn:job", "family limit reached")] * 2
+    assert b.metric("broker_token_requests_total", profile="deploy", outcome="family_limit") == 2
+    status, refreshed = await _refresh(b, started[0]["refresh_token"])
+    assert status == 200, "refreshing a family at the limit is not starting one"
+    assert token_is_valid(b.vault, (await _create(b, cert="job-other"))["token"]), "the limit is per certificate"
+    status, _, _ = await b.request("DELETE", f"/v1/families/{started[1]['family']}")
+    assert status == 200
+    assert token_is_valid(b.vault, (await _create(b))["token"]), "a released family frees its place"
+    assert_error(await raw(b, "POST", "/v1/tokens/deploy"), 409, "too_many_families")
+    assert token_is_valid(b.vault, refreshed["token"])
+
+
+async def test_the_family_limit_counts_families_kept_across_a_restart(brokers: BrokerFactory) -> None:
+    profiles = {"deploy": {**PER_JOB, "max_families_per_client": 1}}
+    b = await brokers.start(profiles)
+    await _create(b)
+    await b.shutdown()
+    again = await brokers.start(profiles, directory=b.dir, roles=b.roles, auth=b.auth_entries())
+    again.seen_secrets |= b.seen_secrets
+    assert_error(await raw(again, "POST", "/v1/tokens/deploy"), 409, "too_many_families", "already holds 1 live")
+    assert token_is_valid(again.vault, (await _create(again, cert="job-other"))["token"])

@@ -13,7 +13,7 @@ from broker.api.app import DEPS, ApiDeps, ApiError
 from broker.api.authz import is_admin
 from broker.audit import rfc3339
 from broker.config import ProfileConfig
-from broker.errors import AuditUnavailable, CertError, FamilyNotFound, RefreshRejected, VaultError
+from broker.errors import AuditUnavailable, CertError, FamilyLimitReached, FamilyNotFound, RefreshRejected, VaultError
 from broker.identity import Caller
 from broker.tls import peer_der, require_client_auth_eku
 from broker.tokens import policy
@@ -350,6 +350,10 @@ async def create_family(request: web.Request) -> web.Response:
         raise _family_unavailable(deps, profile.name, exc) from None
     except AuditUnavailable:
         raise _audit_unavailable(deps, profile.name) from None
+    except FamilyLimitReached as exc:
+        _audit(deps, "token_denied", profile=profile.name, identity=identity, outcome="denied",
+               reason="family limit reached")
+        raise ApiError(409, str(exc), code="too_many_families") from None
     return web.json_response(_issued_body(issued))
 
 

@@ -24,7 +24,9 @@ import logging
 import random
 import re
 import secrets
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from broker.audit import AuditLog
@@ -33,6 +35,7 @@ from broker.config import MIN_TOKEN_TTL, ProfileConfig
 from broker.errors import (
     AuditUnavailable,
     BrokerError,
+    FamilyLimitReached,
     FamilyNotFound,
     RefreshRejected,
     VaultError,
@@ -189,6 +192,9 @@ class FamilyManager:
         self._last_issued: dict[str, Issued] = {}
         # Only for families we track, and dropped when one ends: ids come from callers.
         self._locks: dict[str, asyncio.Lock] = {}
+        # Families being started, per (profile, certificate): they count against the limit
+        # while their token is minted, so concurrent starts cannot overshoot it.
+        self._starting: Counter[tuple[str, str]] = Counter()
         self._wake = asyncio.Event()
         self._unsaved = False  # the last write of families.json failed; the loop retries it
         self._failures = 0
@@ -279,8 +285,36 @@ class FamilyManager:
 
     # --- the three operations --------------------------------------------------------------
 
+    def live_count(self, profile: str, owner_fp: str) -> int:
+        """Families of ``profile`` that the certificate ``owner_fp`` holds, started or starting."""
+        started = sum(1 for f in self._families.values() if f.profile == profile and f.owner_fp == owner_fp)
+        return started + self._starting[(profile, owner_fp)]
+
+    @contextmanager
+    def _slot(self, profile: ProfileConfig, caller: Caller) -> Iterator[None]:
+        """Hold one of the caller's ``max_families_per_client`` places while a family starts."""
+        key = (profile.name, caller.fingerprint)
+        limit = profile.max_families_per_client
+        if self.live_count(*key) >= limit:
+            self._metrics.count_request(profile.name, "family_limit")
+            raise FamilyLimitReached(
+                f"this client certificate already holds {limit} live token families of profile {profile.name} "
+                f"(max_families_per_client); release finished ones (DELETE /v1/families/{{family}}, broker "
+                "release) or wait until one reaches family_max_age")
+        self._starting[key] += 1
+        try:
+            yield
+        finally:
+            self._starting[key] -= 1
+            if self._starting[key] <= 0:
+                del self._starting[key]
+
     async def create(self, profile_name: str, caller: Caller, identity: str) -> Issued:
         profile = self._profiles[profile_name]
+        with self._slot(profile, caller):
+            return await self._create(profile, caller, identity)
+
+    async def _create(self, profile: ProfileConfig, caller: Caller, identity: str) -> Issued:
         family_id = new_family_id()
         now = self._clock.now()
         expires_at = now + profile.family_max_age
