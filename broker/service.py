@@ -22,15 +22,15 @@ from broker.api.ratelimit import RateLimiter
 from broker.audit import AuditLog
 from broker.clock import Clock, SystemClock
 from broker.config import Config, load_config
-from broker.errors import BrokerError, CertError, ConfigError
+from broker.errors import CertError, ConfigError
 from broker.metrics import Metrics
 from broker.ops.server import OpsDeps, make_ops_app
 from broker.tlsengine import ReloadableOpenSSLContext, listener_context, tls_protocol_factory
 from broker.tokens.families import FamilyManager
 from broker.tokens.model import TokenCache
-from broker.tokens.revocations import RevocationQueue
+from broker.tokens.revocations import RevocationPending, RevocationQueue
 from broker.tokens.rotator import Rotator
-from broker.tokens.store import StateStore
+from broker.tokens.store import PendingRevocation, StateStore
 from broker.vault.auth import Authenticator, method_from_config
 from broker.vault.client import VaultClient, VaultClientConfig
 
@@ -38,6 +38,9 @@ log = logging.getLogger("broker.service")
 
 SHUTDOWN_TIMEOUT = 10.0  # in-flight requests get this long to finish on SIGTERM
 LOGOUT_TIMEOUT = 5.0  # on shutdown, at most this long revoking the broker's own Vault login
+# revoke_on_shutdown: Vault gets this long for every token. With the two above it stays within
+# the 30 s TimeoutStopSec of examples/systemd; what is left stays queued for the next start.
+SHUTDOWN_REVOKE_TIMEOUT = 10.0
 FAMILY_VAULT_WORKERS = 4  # threads for per-job family calls to Vault, apart from the broker's own 4
 
 
@@ -107,6 +110,7 @@ class Broker:
     tls_context: tls.ReloadableServerContext | ReloadableOpenSSLContext
     api_port: int = 0
     ops_port: int = 0
+    shutdown_revoke_timeout: float = SHUTDOWN_REVOKE_TIMEOUT
     _runners: list[web.AppRunner] = field(default_factory=list)
 
     def reload(self) -> None:
@@ -171,17 +175,28 @@ class Broker:
             await self._runners.pop().cleanup()
 
     async def _revoke_everything(self) -> None:
-        """Opt-in ([server] revoke_on_shutdown): nothing this broker handed out outlives it."""
+        """Opt-in ([server] revoke_on_shutdown): nothing this broker handed out outlives it.
+
+        Everything is queued (due now, on disk) before Vault is asked for anything, so a slow or
+        unreachable Vault can delay none of it past the next start; then Vault gets
+        ``shutdown_revoke_timeout`` for all of it, so that the stop fits a service manager's
+        stop timeout (systemd's TimeoutStopSec) rather than being cut by SIGKILL."""
+        due: list[PendingRevocation] = []
         for rotator in self.rotators.values():
-            try:
-                await rotator.revoke_everything("shutdown")
-            except BrokerError as exc:
-                log.error("shutdown_revoke_failed profile=%s error=%s action=%s", rotator.name, exc, _LEFT_QUEUED)
+            due += await rotator.queue_everything("shutdown")
         if self.families is not None:
-            try:
-                await self.families.end_all("shutdown")
-            except BrokerError as exc:
-                log.error("shutdown_revoke_failed families error=%s action=%s", exc, _LEFT_QUEUED)
+            due += await self.families.queue_all("shutdown")
+        if not due:
+            return
+        try:
+            async with asyncio.timeout(self.shutdown_revoke_timeout):
+                await self.revocations.revoke_queued(due, "shutdown")
+        except RevocationPending as exc:
+            log.error("shutdown_revoke_failed error=%s action=%s", exc, _LEFT_QUEUED)
+        except TimeoutError:
+            left = len({e.accessor for e in due} & {e.accessor for e in self.revocations.pending})
+            log.error("shutdown_revoke_failed error=%d of %d token(s) not confirmed revoked by Vault within %gs "
+                      "action=%s", left, len(due), self.shutdown_revoke_timeout, _LEFT_QUEUED)
 
     async def run(self, stop: asyncio.Event, on_started: Callable[[Broker], None] | None = None) -> None:
         # Bound first: a second broker started on the same config by mistake fails here, before

@@ -116,7 +116,7 @@ async def test_revoke_on_shutdown_while_vault_is_down_leaves_the_tokens_queued_f
     await b.shutdown()
     assert token_is_valid(b.vault, token)
     assert fingerprint(token) in {e.token_fp for e in b.broker.store.load_revocations()}
-    failed = [line for line in log_lines if "shutdown_revoke_failed profile=demo" in line]
+    failed = [line for line in log_lines if "shutdown_revoke_failed error=" in line]
     assert failed and failed[0].endswith("action=left queued in the state directory; the next start of the broker "
                                          "carries them out"), failed
 
@@ -126,6 +126,38 @@ async def test_revoke_on_shutdown_while_vault_is_down_leaves_the_tokens_queued_f
     revoked = [e for e in again.audit_events() if e["event"] == "token_revoked" and e["token_fp"] == fingerprint(token)]
     assert [e["reason"] for e in revoked] == ["shutdown"]
     await still_serving(again)
+
+
+async def test_revoke_on_shutdown_with_vault_stalled_queues_everything_and_stops_at_its_deadline(
+        brokers: BrokerFactory, proxy: TcpProxy, log_lines: list[str]) -> None:
+    shared = {"ttl": "1h", "grace": "10m", "rotate_after": "40m"}
+    per_job = {**shared, "mode": "per-job", "allow": ["cn:job"]}
+    b = await brokers.start({"demo": shared, "other": shared, "jobs": per_job},
+                            server_extra="revoke_on_shutdown = true", vault_address=proxy.address)
+    served = [(await b.get_token(name))["token"] for name in ("demo", "other")]
+    status, first, _ = await b.request("POST", "/v1/tokens/jobs")
+    assert status == 200, first
+    b.seen_secrets.add(first["refresh_token"])
+    status, second, _ = await b.request("POST", "/v1/refresh", json={"refresh_token": first["refresh_token"]})
+    assert status == 200, second
+    b.seen_secrets.add(second["refresh_token"])
+    handed_out = {fingerprint(t) for t in (*served, first["token"], second["token"])}
+    b.broker.shutdown_revoke_timeout = 0.5
+    proxy.hold()  # Vault answers nothing: each revocation would wait out the 2 s Vault timeout
+    started = time.monotonic()
+    await b.shutdown()
+    # Four sequential 2 s Vault timeouts, then the logout's, would take 10 s.
+    assert time.monotonic() - started < 8
+    assert all(token_is_valid(b.vault, t) for t in (*served, second["token"]))
+    now = time.time()
+    store = b.broker.store
+    queued = {e.token_fp: e.revoke_at for e in store.load_revocations()}
+    assert handed_out <= set(queued) and all(queued[fp] <= now for fp in handed_out), "all of it, due now"
+    assert store.load_families(lambda data, where: data) == []
+    ended = [e for e in b.audit_events() if e["event"] == "family_revoked"]
+    assert [(e["family"], e["reason"]) for e in ended] == [(first["family"], "shutdown")]
+    failed = [line for line in log_lines if "not confirmed revoked by Vault within 0.5s" in line]
+    assert len(failed) == 1 and "shutdown_revoke_failed error=4 of 4 token(s)" in failed[0], failed
 
 
 # --- 2. changes made outside the loop wake it -----------------------------------------------

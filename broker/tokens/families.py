@@ -516,9 +516,30 @@ class FamilyManager:
                     ended += 1
         return ended, unconfirmed
 
-    async def end_all(self, reason: str) -> None:
-        """Opt-in revocation on shutdown: every family ends now (failures are logged)."""
-        await self._end_each(list(self._families), reason)
+    async def queue_all(self, reason: str) -> list[PendingRevocation]:
+        """Opt-in revocation on shutdown, step one: every family ends, each of its tokens queued,
+        due now, with one write of each state file whatever the number of families. Returns the
+        queued entries; revoking them is the caller's step two, within its deadline."""
+        ending = list(self._families.values())
+        now = self._clock.now()
+        due: list[PendingRevocation] = []
+        for profile in sorted({f.profile for f in ending}):
+            currents = [f.current.revocation(f.profile, f.id, now) for f in ending if f.profile == profile]
+            due += await self._revocations.queue_now(currents, reason=reason, profile=profile)
+        self._families.clear()
+        self._last_issued.clear()
+        self._locks.clear()
+        try:
+            await self._persist()
+        except OSError as exc:
+            log.error("family_state_unsaved families=%d error=%s action=their tokens are queued, but families.json "
+                      "still lists them", len(ending), exc.strerror or exc)
+        for family in ending:
+            log.info("family_revoked profile=%s family=%s reason=%s", family.profile, family.id, reason)
+            self._record("family_revoked", profile=family.profile, identity=family.owner_identity,
+                         generation=family.generation, token_fp=family.current.token_fp, reason=reason,
+                         family=family.id)
+        return due
 
     # --- expiry ----------------------------------------------------------------------------
 

@@ -326,14 +326,24 @@ class Rotator:
         it. Raises RevocationPending (never a plain retryable error) if anything is left."""
         async with self._mutating:
             try:
-                state = self.state
-                now = self._clock.now()
-                served = [self._pending(t, now) for t in (state.current, state.previous) if t is not None]
-                due = await self._revocations.queue_now(served, reason=reason, profile=self.name)
-                self._publish(dataclasses.replace(state, current=None, previous=None, grace_until=None))
-                await self._revocations.revoke_queued(due, reason)
+                await self._revocations.revoke_queued(await self._queue_served(reason), reason)
             finally:
                 self.wake()  # with nothing to serve, the loop mints at once
+
+    async def queue_everything(self, reason: str) -> list[PendingRevocation]:
+        """Step one of ``revoke_everything`` alone (a shutdown, which then revokes the queue of
+        every profile within one deadline): no slot serves anything, and every token the profile
+        handed out is queued, due now. Returns those entries."""
+        async with self._mutating:
+            return await self._queue_served(reason)
+
+    async def _queue_served(self, reason: str) -> list[PendingRevocation]:
+        state = self.state
+        now = self._clock.now()
+        served = [self._pending(t, now) for t in (state.current, state.previous) if t is not None]
+        due = await self._revocations.queue_now(served, reason=reason, profile=self.name)
+        self._publish(dataclasses.replace(state, current=None, previous=None, grace_until=None))
+        return due
 
     async def revoke_all(self) -> ProfileState:
         """Incident response: revoke everything the profile handed out, then mint anew.
