@@ -174,8 +174,13 @@ async def test_bad_refresh_requests(brokers: BrokerFactory) -> None:
         got, body, headers = await b.request("POST", "/v1/refresh", **kwargs)
         assert (got, body["error"]) == (status, code), (kwargs, body)
         assert message in body["message"] and headers["Cache-Control"] == "no-store"
-    # None of that touched the family: a forged secret with a known family id revokes nothing.
+    # None of that touched the family: a forged secret with a known family id revokes nothing,
+    # but is audited (the id is public in logs: someone is guessing); unknown ids are not.
     assert token_is_valid(b.vault, first["token"])
+    denied = [(e["family"], e["identity"], e["reason"], e["certificate_fp"]) for e in _events(b, "token_denied")]
+    job_der = x509.load_pem_x509_certificate(b.pki.pair("job")[0].read_bytes()).public_bytes(Encoding.DER)
+    job_fp = hashlib.sha256(job_der).hexdigest()[:16]
+    assert denied == [(first["family"], "cn:job", "refresh token not issued for this family", job_fp)]
     status, second = await _refresh(b, first["refresh_token"])
     assert status == 200 and second["generation"] == 2
 

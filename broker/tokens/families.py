@@ -368,7 +368,12 @@ class FamilyManager:
                                       "broker; the family has ended")
             verdict = judge(family, refresh_hash(refresh_token), caller.fingerprint, now, profile.reuse_interval)
             if verdict is Verdict.INVALID:
+                # A live family's id with a secret it never issued: someone who saw the id (it is
+                # in logs and the audit) is guessing. Nothing is revoked, but security hears of it.
                 self._metrics.count_request(profile.name, "refresh_invalid")
+                self._record("token_denied", profile=family.profile, identity=caller.primary, outcome="denied",
+                             reason="refresh token not issued for this family", family=family.id,
+                             certificate_fp=caller.fingerprint[:16])
                 raise RefreshRejected("refresh_token_invalid", "unknown refresh token, or its family has ended")
             if verdict is Verdict.REUSE:
                 await self._reuse_detected(family, caller)
