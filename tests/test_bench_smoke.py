@@ -53,3 +53,12 @@ def test_quick_run_produces_every_row(tmp_path: Path) -> None:
     assert not (tmp_path / "latency.png").exists()  # --no-plot
     [spread] = [line for line in text.splitlines() if "side-by-side run(s) per mode" in line]
     assert spread.count("µs") + spread.count(" ms") == 8, spread  # 2 runs x 2 servers x 2 modes
+
+
+def test_the_families_benchmark_prints_a_row_per_count() -> None:
+    run = subprocess.run([sys.executable, "-m", "bench.families", "--families", "3,30", "--ops", "4"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split("|")[1].strip() for row in rows] == ["3", "30"], run.stdout
+    assert all(row.count(" ms ") == 2 for row in rows), run.stdout

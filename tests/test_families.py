@@ -86,6 +86,7 @@ async def test_create_refresh_refresh(brokers: BrokerFactory) -> None:
     state_dir = b.broker.config.state.dir
     state = (state_dir / "families.json").read_text()
     assert first["refresh_token"] not in state and third["refresh_token"] not in state
+    assert [e["id"] for e in json.loads(state)] == [first["family"]] and state.count("\n") == 3, "one line a family"
     assert {name: _mode(state_dir / name) for name in ("families.json", "revocations.json")} == {
         "families.json": 0o600, "revocations.json": 0o600}
 

@@ -117,9 +117,11 @@ class StateStore:
     def prepare(self) -> None:
         make_private_dir(self.directory)
 
-    async def _write(self, path: Path, data: bytes) -> None:
+    async def _write(self, path: Path, data: bytes | Callable[[], bytes]) -> None:
+        """``data``, or a function making it on the worker thread (a large file is assembled
+        there, not on the event loop)."""
         async with self._locks.setdefault(path, asyncio.Lock()):
-            await asyncio.to_thread(write_atomic, path, data)
+            await asyncio.to_thread(lambda: write_atomic(path, data() if callable(data) else data))
 
     def load_revocations(self) -> list[PendingRevocation]:
         raw = read_json(self._revocations)
@@ -162,5 +164,7 @@ class StateStore:
         except ValueError as exc:
             raise _corrupt(self._families, str(exc)) from None
 
-    async def save_families(self, families: list[dict[str, Any]]) -> None:
-        await self._write(self._families, json.dumps(families, indent=1).encode())
+    async def save_families(self, lines: list[str]) -> None:
+        """``lines``: each family already as compact JSON; the file is a JSON list of them, one
+        family per line (``grep fam_…`` finds one)."""
+        await self._write(self._families, lambda: ("[\n" + ",\n".join(lines) + "\n]\n").encode())
