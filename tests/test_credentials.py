@@ -362,7 +362,7 @@ def test_destroying_an_unknown_secret_id_accessor_is_classified_as_gone() -> Non
 
 @pytest.fixture(scope="module")
 def tls_openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBaoDevServer]:
-    server = OpenBaoDevServer(log_path=tmp_path_factory.mktemp("openbao-tls") / "openbao.log", tls=True)
+    server = OpenBaoDevServer(log_path=tmp_path_factory.mktemp("openbao-tls") / "openbao.log", tls=True, cli=False)
     server.start()
     yield server
     server.stop()
