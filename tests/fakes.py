@@ -20,6 +20,12 @@ class FakeClock:
     def now(self) -> float:
         return self._now
 
+    @property
+    def waiting(self) -> int:
+        """Sleeps not yet woken: a test advancing time before a task has gone to sleep would
+        leave that task sleeping from the later time."""
+        return sum(1 for _, _, future in self._sleepers if not future.done())
+
     def monotonic(self) -> float:
         return self._now - self._start
 

@@ -153,6 +153,7 @@ async def test_a_replaced_login_is_revoked_at_vault(
 
     _swap(primary_files.secret_id_file, good)
     seen = len(log_lines)
+    await h.until(lambda: h.clock.waiting > 0, "the authenticator to wait for its retry of the primary")
     await h.clock.advance(30)  # the retry of the primary method
     await h.until(lambda: h.auth._login is not fallback_login, "the primary login")
     await h.until(lambda: not token_is_valid(private_openbao, fallback_login.token), "the fallback login revoked")
@@ -177,6 +178,7 @@ async def test_an_operator_token_is_never_revoked_when_replaced(
     await h.until(lambda: h.auth.method == "token", "the fallback to the operator's token")
 
     _swap(primary_files.secret_id_file, good)
+    await h.until(lambda: h.clock.waiting > 0, "the authenticator to wait for its retry of the primary")
     await h.clock.advance(30)
     await h.until(lambda: h.auth.method == "approle", "the primary login")
     await h.auth.logout(5)  # also at shutdown: the approle login goes, the operator's token stays
