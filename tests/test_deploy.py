@@ -56,13 +56,15 @@ PROMQL_WORDS = {
 
 def metric_names(expr: str) -> set[str]:
     """Metric names in a PromQL expression (or a Grafana label_values() query)."""
+    by_name = {name for alternatives in re.findall(r'__name__\s*=~?\s*"([^"]*)"', expr)
+               for name in alternatives.split("|")}  # {__name__=~"a|b"} selects metrics a and b
     text = re.sub(r'"(?:\\.|[^"\\])*"', '""', expr)  # string literals
     text = re.sub(r"\{[^}]*\}", "", text)  # label matchers
     text = re.sub(r"\[[^\]]*\]", "", text)  # range and subquery selectors
     text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
     text = re.sub(r"\$\w+", "", text)  # Grafana variables
     text = re.sub(r"\blabel_values\((.*),\s*\w+\s*\)", r"label_values(\1)", text)  # its label argument
-    names = set()
+    names = set(by_name)
     for match in re.finditer(r"(?<![\w.])([a-zA-Z_:][a-zA-Z0-9_:]*)\b(\s*\()?", text):
         word, call = match[1], match[2]
         if call or word.lower() in PROMQL_WORDS:
@@ -80,6 +82,15 @@ def test_metric_names_reads_promql() -> None:
     assert metric_names(expr) == {"broker_vault_request_duration_seconds_bucket", "up", "broker_a"}
     assert metric_names('label_values(broker_token_generation{instance=~"$instance"}, profile)') == {
         "broker_token_generation"}
+    assert metric_names('label_values({__name__=~"broker_a|broker_b", instance=~"$instance"}, profile)') == {
+        "broker_a", "broker_b"}
+
+
+def test_the_profile_variable_lists_shared_and_per_job_profiles() -> None:
+    # Shared profiles have a generation series from the start, per-job ones a reuse counter;
+    # neither has the other, so the variable reads both.
+    query = dict(dashboard_queries(dashboard()))["variable profile"]
+    assert metric_names(query) == {"broker_token_generation", "broker_token_reuse_detected_total"}
 
 
 # --- alerts.yml -----------------------------------------------------------------------------
