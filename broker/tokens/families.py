@@ -20,7 +20,6 @@ import dataclasses
 import enum
 import hashlib
 import hmac
-import json
 import logging
 import random
 import re
@@ -49,7 +48,7 @@ from broker.metrics import Metrics
 from broker.tokens import policy
 from broker.tokens.model import Token
 from broker.tokens.revocations import RevocationPending, RevocationQueue
-from broker.tokens.store import PendingRevocation, StateStore, checked_fields
+from broker.tokens.store import PendingRevocation, StateStore, checked_fields, json_line
 from broker.vault.auth import Authenticator
 from broker.vault.client import VaultClient
 
@@ -112,7 +111,7 @@ class Family:
 
     def encoded(self) -> str:
         """This family as one line of ``families.json``."""
-        return json.dumps(self.to_json(), separators=(",", ":"))
+        return json_line(self.to_json())
 
     @classmethod
     def from_json(cls, data: object, where: str) -> Family:

@@ -99,6 +99,15 @@ def _record(cls: type[Record], item: Any, path: Path, where: str) -> Record:
         raise _corrupt(path, str(exc)) from None
 
 
+def json_line(item: Mapping[str, Any]) -> str:
+    return json.dumps(item, separators=(",", ":"))
+
+
+def json_list(lines: list[str]) -> bytes:
+    """A JSON list with one item a line: ``grep`` finds an accessor's or a family's entry."""
+    return ("[\n" + ",\n".join(lines) + "\n]\n").encode()
+
+
 class StateStore:
     """Writes go to a worker thread (two fsyncs cost milliseconds, and the event loop serves
     fetches meanwhile), one at a time per file and in call order, so the newest snapshot always
@@ -113,6 +122,9 @@ class StateStore:
         self._families = directory / "families.json"
         self._issued: dict[str, IssuedRecord] | None = None
         self._locks: dict[Path, asyncio.Lock] = {}
+        # Each pending revocation's line of revocations.json while the (frozen) entry is the
+        # same object: the file is rewritten on every change of the queue (bench/families.py).
+        self._revocation_lines: dict[str, tuple[PendingRevocation, str]] = {}
 
     def prepare(self) -> None:
         make_private_dir(self.directory)
@@ -132,7 +144,14 @@ class StateStore:
         return [_record(PendingRevocation, item, self._revocations, f"entry {i + 1}") for i, item in enumerate(raw)]
 
     async def save_revocations(self, pending: list[PendingRevocation]) -> None:
-        await self._write(self._revocations, json.dumps([asdict(p) for p in pending], indent=1).encode())
+        lines: dict[str, tuple[PendingRevocation, str]] = {}
+        for entry in pending:
+            known = self._revocation_lines.get(entry.accessor)
+            if known is None or known[0] is not entry:
+                known = (entry, json_line(asdict(entry)))
+            lines[entry.accessor] = known
+        self._revocation_lines = lines
+        await self._write(self._revocations, lambda: json_list([line for _, line in lines.values()]))
 
     def load_issued(self) -> dict[str, IssuedRecord]:
         if self._issued is None:
@@ -165,6 +184,5 @@ class StateStore:
             raise _corrupt(self._families, str(exc)) from None
 
     async def save_families(self, lines: list[str]) -> None:
-        """``lines``: each family already as compact JSON; the file is a JSON list of them, one
-        family per line (``grep fam_…`` finds one)."""
-        await self._write(self._families, lambda: ("[\n" + ",\n".join(lines) + "\n]\n").encode())
+        """``lines``: each family already as one line of JSON (``json_line``)."""
+        await self._write(self._families, lambda: json_list(lines))
