@@ -8,6 +8,7 @@ import stat
 import pytest
 
 from broker.devserver import broker_policy
+from broker.tokens.store import StateStore
 from tests.conftest import BrokerFactory, token_is_valid
 from tests.faults import TcpProxy
 
@@ -121,6 +122,22 @@ async def test_restart_performs_pending_revocations(brokers: BrokerFactory) -> N
     await again.wait_for(lambda: again.metric("broker_revocations_pending") == 0, timeout=5,
                          what="the queue to record the revocations")
     again.seen_secrets |= b.seen_secrets
+
+
+async def test_profiles_that_rotate_together_are_all_recorded_and_retired_after_a_restart(
+        brokers: BrokerFactory) -> None:
+    # Every profile mints its first token at start, all at once: each must reach profiles.json,
+    # or a restart neither retires that token nor continues its generations.
+    profiles = {name: {"ttl": "60s", "rotate_after": "40s", "grace": "2s"} for name in ("demo", "other", "third")}
+    b = await brokers.start(profiles)
+    served = {name: (await b.get_token(name))["token"] for name in profiles}
+    assert set(StateStore(b.broker.config.state.dir).load_issued()) == set(profiles)
+    await b.shutdown()
+    again = await brokers.start(profiles, directory=b.dir, roles=b.roles, auth=b.auth_entries())
+    again.seen_secrets |= b.seen_secrets
+    assert {name: again.generation(name) for name in profiles} == dict.fromkeys(profiles, 2)
+    await again.wait_for(lambda: not any(token_is_valid(b.vault, t) for t in served.values()), timeout=6,
+                         what="every pre-restart token retired after its grace")
 
 
 async def test_fetches_during_an_outage_do_not_call_vault(brokers: BrokerFactory, proxy: TcpProxy) -> None:

@@ -129,11 +129,18 @@ class StateStore:
     def prepare(self) -> None:
         make_private_dir(self.directory)
 
+    def _lock(self, path: Path) -> asyncio.Lock:
+        return self._locks.setdefault(path, asyncio.Lock())
+
     async def _write(self, path: Path, data: bytes | Callable[[], bytes]) -> None:
         """``data``, or a function making it on the worker thread (a large file is assembled
         there, not on the event loop)."""
-        async with self._locks.setdefault(path, asyncio.Lock()):
-            await asyncio.to_thread(lambda: write_atomic(path, data() if callable(data) else data))
+        async with self._lock(path):
+            await self._write_locked(path, data)
+
+    @staticmethod
+    async def _write_locked(path: Path, data: bytes | Callable[[], bytes]) -> None:
+        await asyncio.to_thread(lambda: write_atomic(path, data() if callable(data) else data))
 
     def load_revocations(self) -> list[PendingRevocation]:
         raw = read_json(self._revocations)
@@ -165,11 +172,21 @@ class StateStore:
         return dict(self._issued)
 
     async def set_issued(self, profile: str, record: IssuedRecord) -> None:
-        issued = self.load_issued()
-        issued[profile] = record
-        await self._write(self._profiles, json.dumps({k: asdict(v) for k, v in issued.items()}, indent=1).encode())
-        # Only now: a failed write leaves the file, and so what a restart retires, unchanged.
-        self._issued = issued
+        await self._change_issued(lambda issued: {**issued, profile: record})
+
+    async def forget_issued(self, profiles: Iterable[str]) -> None:
+        gone = set(profiles)
+        await self._change_issued(lambda issued: {k: v for k, v in issued.items() if k not in gone})
+
+    async def _change_issued(self, change: Callable[[dict[str, IssuedRecord]], dict[str, IssuedRecord]]) -> None:
+        # Read, change and write under the file's lock: two profiles rotating at once (every
+        # start) must not each write a file without the other's record.
+        async with self._lock(self._profiles):
+            issued = change(self.load_issued())
+            data = json.dumps({k: asdict(v) for k, v in issued.items()}, indent=1).encode()
+            await self._write_locked(self._profiles, data)
+            # Only now: a failed write leaves the file, and so what a restart retires, unchanged.
+            self._issued = issued
 
     def load_families(self, parse: Callable[[Any, str], Parsed]) -> list[Parsed]:
         """Each entry through ``parse(item, where)``, which raises ValueError for a bad one."""
