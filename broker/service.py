@@ -157,6 +157,7 @@ class Broker:
             vault_status=lambda: (self.auth.authenticated, self.auth.last_error),
             state_error=lambda: self.revocations.state_error,
             per_job_profiles=tuple(name for name, p in cfg.profiles.items() if p.mode == "per-job"),
+            family_state_error=lambda: self.families.state_error if self.families is not None else None,
         )), access_log=None, handle_signals=False, shutdown_timeout=2.0)
         self.api_port = api_sock.getsockname()[1]
         self.ops_port = ops_sock.getsockname()[1]
@@ -173,6 +174,34 @@ class Broker:
         # Reverse order of start; each cleanup stops accepting, then waits for in-flight requests.
         while self._runners:
             await self._runners.pop().cleanup()
+
+    async def _retire_removed_profiles(self) -> None:
+        """The last token of a shared profile that is no longer one (removed, renamed, made
+        per-job) across a restart: nothing would ever retire it, so it is revoked now, like the
+        families of a removed per-job profile (reason ``profile_removed``). Its record goes
+        only once the revocation is queued on disk."""
+        now = self.clock.now()
+        retired = []
+        for name, record in self.store.load_issued().items():
+            if name in self.rotators:
+                continue
+            log.warning("profile_removed profile=%s generation=%d token_fp=%s action=its last token is revoked now",
+                        name, record.generation, record.token_fp)
+            try:
+                if record.expires_at > now:
+                    await self.revocations.schedule(PendingRevocation(
+                        accessor=record.accessor, profile=name, generation=record.generation,
+                        token_fp=record.token_fp, revoke_at=now, reason="profile_removed"))
+            except OSError as exc:  # logged by the queue; the record stays, so the next start tries again
+                log.error("profile_removed profile=%s error=%s action=not queued; retried at the next start",
+                          name, exc.strerror or exc)
+                continue
+            retired.append(name)
+        if retired:
+            try:
+                await self.store.forget_issued(retired)
+            except OSError as exc:  # queued already; a later start finds the token revoked
+                log.error("state_write_failed file=profiles.json error=%s", exc.strerror or exc)
 
     async def _revoke_everything(self) -> None:
         """Opt-in ([server] revoke_on_shutdown): nothing this broker handed out outlives it.
@@ -213,6 +242,7 @@ class Broker:
             self.revocations.load()
             for rotator in self.rotators.values():
                 await rotator.restore()
+            await self._retire_removed_profiles()
             if self.families is not None:
                 self.families.load()
         except BaseException:
@@ -272,11 +302,12 @@ def build(config: Config, clock: Clock | None = None, registry: CollectorRegistr
         name: Rotator(profile, vault, auth, cache, revocations, store, clock, audit, metrics, rng)
         for name, profile in config.profiles.items() if profile.mode == "shared"
     }
-    per_job = any(p.mode == "per-job" for p in config.profiles.values())
     # Family starts and refreshes are driven by jobs, so they come in bursts; on a lane of their
-    # own they cannot take the threads that rotations, checks, logins and revocations need.
+    # own they cannot take the threads that rotations, checks, logins and revocations need (its
+    # threads start with the first call). Made even with no per-job profile: families.json may
+    # still hold families of one removed across a restart, which then end (profile_removed).
     families = FamilyManager(config.profiles, vault.lane("vault-families", FAMILY_VAULT_WORKERS), auth, revocations,
-                             store, clock, audit, metrics) if per_job else None
+                             store, clock, audit, metrics)
     return Broker(config=config, clock=clock, metrics=metrics, audit=audit, store=store, vault=vault, auth=auth,
                   cache=cache, revocations=revocations, rotators=rotators, families=families,
                   tls_context=listener_context(config.server))

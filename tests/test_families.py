@@ -417,8 +417,16 @@ async def test_a_generation_the_state_dir_cannot_record_is_revoked_not_served(br
                        if e["event"] == "token_revoked" and e["reason"] == "rolled_back"]
         assert len(minted) == 3 and rolled_back == minted[1:], (minted, rolled_back)
         assert sorted(_live_deploy_tokens(b)) == sorted(live_before), "both minted tokens are revoked at Vault"
+        # Ops see why: no family can start or refresh, so the per-job profile is not ready.
+        status, ready = await b.ops("/readyz")
+        assert status == 503 and ready["state"]["ok"] is False, ready
+        assert ready["profiles"]["deploy"]["reasons"] == ["cannot write families.json: Is a directory"], ready
     finally:
         families_file.rmdir()
+    # The families loop writes the file again with backoff (about a second at first); that ends it.
+    await b.wait_for(lambda: b.broker.families.state_error is None, timeout=5, what="families.json written again")
+    status, ready = await b.ops("/readyz")
+    assert status == 200 and ready["state"] == {"ok": True, "last_error": None}, ready
     status, second = await _refresh(b, first["refresh_token"])
     assert status == 200 and second["generation"] == 2, second
     await _assert_still_serving(b)
@@ -558,6 +566,21 @@ async def test_a_family_of_a_profile_removed_from_the_config_ends_after_the_rest
     await _refused(again, doomed["refresh_token"], "refresh_token_invalid", INVALID)
     status, second = await _refresh(again, kept["refresh_token"])
     assert status == 200 and second["generation"] == 2
+
+
+async def test_families_of_a_removed_profile_end_even_with_no_per_job_profile_left(brokers: BrokerFactory) -> None:
+    b = await brokers.start({"demo": {}, "gone": PER_JOB})
+    doomed = await _create(b, profile="gone")
+    await b.shutdown()
+    again = await brokers.start({"demo": {}}, directory=b.dir, roles={"demo": b.roles["demo"]}, auth=b.auth_entries())
+    again.seen_secrets |= b.seen_secrets
+    await again.wait_for(lambda: not token_is_valid(b.vault, doomed["token"]), timeout=10,
+                         what="the family of the removed per-job profile to end")
+    assert [(e["family"], e["reason"]) for e in _events(again, "family_revoked")] == [
+        (doomed["family"], "profile_removed")]
+    assert again.broker.store.load_families(lambda data, where: data) == []
+    status, ready = await again.ops("/readyz")
+    assert status == 200 and "gone" not in ready["profiles"], ready
 
 
 async def test_a_refresh_retried_again_and_again_after_a_restart_gets_one_new_pair(brokers: BrokerFactory) -> None:

@@ -140,6 +140,26 @@ async def test_profiles_that_rotate_together_are_all_recorded_and_retired_after_
                          what="every pre-restart token retired after its grace")
 
 
+@pytest.mark.parametrize("now", [{}, {"mode": "per-job"}], ids=["removed", "made-per-job"])
+async def test_the_last_token_of_a_shared_profile_gone_from_the_config_is_revoked_at_start(
+        brokers: BrokerFactory, log_lines: list[str], now: dict[str, str]) -> None:
+    # Nothing else would ever retire it: no rotator serves that name any more.
+    before = {"demo": {}, "old": {"ttl": "1h", "grace": "10m", "rotate_after": "40m"}}  # revoked now, not in 10m
+    b = await brokers.start(before)
+    kept, dropped = (await b.get_token("demo"))["token"], (await b.get_token("old"))["token"]
+    await b.shutdown()
+    after = {"demo": {}, **({"old": now} if now else {})}
+    again = await brokers.start(after, directory=b.dir, roles=b.roles, auth=b.auth_entries())
+    again.seen_secrets |= b.seen_secrets
+    await again.wait_for(lambda: not token_is_valid(b.vault, dropped), timeout=5,
+                         what="the removed profile's last token revoked")
+    revoked = [(e["profile"], e["reason"]) for e in again.audit_events() if e["event"] == "token_revoked"]
+    assert ("old", "profile_removed") in revoked, revoked
+    assert set(StateStore(b.broker.config.state.dir).load_issued()) == {"demo"}
+    assert any("profile_removed profile=old generation=1" in line for line in log_lines)
+    assert token_is_valid(b.vault, kept), "the profile still configured keeps its grace window"
+
+
 async def test_fetches_during_an_outage_do_not_call_vault(brokers: BrokerFactory, proxy: TcpProxy) -> None:
     """With no valid token, requests get 503 at once; the rotator's backoff alone paces Vault."""
     proxy.cut()

@@ -33,16 +33,19 @@ def profile_report(now: float, state: ProfileState) -> dict[str, object]:
     }
 
 
-def per_job_report(vault_authenticated: bool, vault_error: str | None) -> dict[str, object]:
+def per_job_report(vault_authenticated: bool, vault_error: str | None,
+                   family_state_error: str | None = None) -> dict[str, object]:
     """A per-job profile holds no token between jobs; it can serve while the broker holds a
-    Vault login to mint with."""
+    Vault login to mint with and can record the families it starts."""
     reasons = [] if vault_authenticated else [f"no Vault login to mint with: {vault_error or 'not logged in yet'}"]
+    if family_state_error is not None:
+        reasons.append(family_state_error)
     return {"ready": not reasons, "mode": "per-job", "reasons": reasons}
 
 
 def readiness(now: float, states: Iterable[ProfileState], audit_ok: bool, vault_authenticated: bool,
               vault_error: str | None, audit_required: bool = True, state_error: str | None = None,
-              per_job: Iterable[str] = ()) -> Readiness:
+              per_job: Iterable[str] = (), family_state_error: str | None = None) -> Readiness:
     """``audit_required`` false ([audit] on_failure = "continue"): a failing audit log is
     reported but does not make the broker unready, since it keeps serving.
 
@@ -51,9 +54,13 @@ def readiness(now: float, states: Iterable[ProfileState], audit_ok: bool, vault_
     revocation is still carried out from memory; only a restart before the disk recovers would
     forget some. Taking a serving broker out of rotation would not fix the disk, and a disk that
     stays broken makes rotations fail (profiles.json cannot be written either), which does turn
-    the profiles unhealthy after their alert_threshold."""
+    the profiles unhealthy after their alert_threshold.
+
+    ``family_state_error`` (families.json cannot be written) makes per-job profiles unready:
+    no family can start or refresh then, every such request is refused."""
     profiles = {s.name: profile_report(now, s) for s in states}
-    profiles.update({name: per_job_report(vault_authenticated, vault_error) for name in per_job})
+    profiles.update({name: per_job_report(vault_authenticated, vault_error, family_state_error)
+                     for name in per_job})
     problems = [f"profile {name}: {'; '.join(r['reasons'])}"  # type: ignore[arg-type]
                 for name, r in profiles.items() if not r["ready"]]
     if not audit_ok and audit_required:
@@ -65,7 +72,8 @@ def readiness(now: float, states: Iterable[ProfileState], audit_ok: bool, vault_
             "problems": problems,
             "profiles": profiles,
             "audit": "ok" if audit_ok else "failing",
-            "state": {"ok": state_error is None, "last_error": state_error},
+            "state": {"ok": state_error is None and family_state_error is None,
+                      "last_error": state_error or family_state_error},
             "vault": {"authenticated": vault_authenticated, "last_error": vault_error},
         },
     )

@@ -25,6 +25,7 @@ class OpsDeps:
     vault_status: Callable[[], tuple[bool, str | None]]
     state_error: Callable[[], str | None] = lambda: None
     per_job_profiles: tuple[str, ...] = ()
+    family_state_error: Callable[[], str | None] = lambda: None
 
 
 OPS = web.AppKey("ops", OpsDeps)
@@ -39,7 +40,7 @@ async def readyz(request: web.Request) -> web.Response:
     authenticated, vault_error = deps.vault_status()
     result = readiness(deps.clock.now(), deps.cache.all(), deps.audit_ok(), authenticated, vault_error,
                        deps.audit_required, state_error=deps.state_error(),
-                       per_job=deps.per_job_profiles)
+                       per_job=deps.per_job_profiles, family_state_error=deps.family_state_error())
     return web.json_response(result.details, status=200 if result.ready else 503)
 
 

@@ -201,6 +201,7 @@ class FamilyManager:
         self._starting: Counter[tuple[str, str]] = Counter()
         self._wake = asyncio.Event()
         self._unsaved = False  # the last write of families.json failed; the loop retries it
+        self._state_error: str | None = None
         # Each family's line of families.json, kept while the family is unchanged: the file is
         # rewritten on every family operation, and encoding thousands of unchanged families
         # each time stalled the event loop for tens of milliseconds (bench/families.py).
@@ -225,14 +226,25 @@ class FamilyManager:
         """When the background loop retries after a failed pass; None while it is not failing."""
         return self._retry_at
 
+    @property
+    def state_error(self) -> str | None:
+        """Why families.json cannot be written, while it cannot: no family can start or move
+        on then (a token the broker could not retire after a restart is never handed out)."""
+        return self._state_error
+
     async def _persist(self) -> None:
         # Writes land in call order, so the flag ends up telling whether the newest one failed.
         try:
             await self._store.save_families(self._lines())
-        except OSError:
+        except OSError as exc:
             self._unsaved = True
+            self._state_error = f"cannot write families.json: {exc.strerror or exc}"
+            self._wake.set()  # the loop writes it again with backoff, which also ends this error
             raise
+        if self._unsaved:
+            log.info("state_write_recovered file=families.json families=%d", len(self._families))
         self._unsaved = False
+        self._state_error = None
 
     def _lines(self) -> list[str]:
         """The families as lines of ``families.json``; only those changed since the last call
