@@ -568,6 +568,20 @@ async def test_a_family_of_a_profile_removed_from_the_config_ends_after_the_rest
     assert status == 200 and second["generation"] == 2
 
 
+async def test_a_refresh_from_a_certificate_no_longer_allowed_ends_the_family(brokers: BrokerFactory) -> None:
+    b = await brokers.start({"deploy": PER_JOB})
+    first = await _create(b)
+    await b.shutdown()
+    narrowed = {"deploy": {**PER_JOB, "allow": ["cn:job-other"]}}
+    again = await brokers.start(narrowed, directory=b.dir, roles=b.roles, auth=b.auth_entries())
+    again.seen_secrets |= b.seen_secrets
+    await _refused(again, first["refresh_token"], "refresh_token_invalid",
+                   "no longer allowed for the family's profile; the family has ended")
+    assert not token_is_valid(b.vault, first["token"]), "revoked now, not at the end of its TTL"
+    assert [(e["family"], e["reason"]) for e in _events(again, "family_revoked")] == [(first["family"], "not_allowed")]
+    assert token_is_valid(b.vault, (await _create(again, cert="job-other"))["token"])
+
+
 async def test_families_of_a_removed_profile_end_even_with_no_per_job_profile_left(brokers: BrokerFactory) -> None:
     b = await brokers.start({"demo": {}, "gone": PER_JOB})
     doomed = await _create(b, profile="gone")

@@ -409,8 +409,11 @@ class FamilyManager:
                 await self._reuse_detected(family, caller)
                 raise RefreshRejected("refresh_token_reused", REUSED.format(profile=profile.name))
             if not matches(caller.identities, profile.allow):
-                raise RefreshRejected("refresh_token_invalid",
-                                      "this client certificate is no longer allowed for the family's profile")
+                # The allow-list was narrowed (and the broker restarted): this family can never
+                # move on, so its tokens go now rather than at the end of their TTL.
+                await self._end(family, "not_allowed")
+                raise RefreshRejected("refresh_token_invalid", "this client certificate is no longer allowed for "
+                                                               "the family's profile; the family has ended")
             last = self._last_issued.get(family_id)
             if verdict is Verdict.RETRY and last is not None and last.family.generation == family.generation:
                 self._metrics.count_request(profile.name, "refresh_retried")
