@@ -209,19 +209,40 @@ def _render(body: dict[str, object], fmt: str, env_name: str) -> str:
     return token + "\n"
 
 
-def _get(args: argparse.Namespace) -> int:
-    from broker.config import parse_duration
+def _min_ttl(text: str | None) -> float | None:
+    from broker.config import MAX_DURATION, MAX_DURATION_TEXT, parse_duration
 
+    if text is None:
+        return None
     try:
-        min_ttl = parse_duration(args.min_ttl) if args.min_ttl is not None else None
+        seconds = parse_duration(text)
     except ValueError as exc:
         raise _Usage(f"--min-ttl: {exc}") from None
+    if not seconds <= MAX_DURATION:  # also inf and nan, from hundreds of digits
+        raise _Usage(f"--min-ttl: {text[:20]!r} is more than {MAX_DURATION_TEXT}, more than any token lasts")
+    return seconds
+
+
+def _check_streams(args: argparse.Namespace) -> None:
+    """Before anything is fetched: where the token goes must be open (``>&-`` closes stdout),
+    and under GitHub Actions stderr must take the ::add-mask:: line, which on stdout would
+    end up in ``$(broker get …)`` beside the token."""
+    if args.output is None and sys.stdout is None:
+        raise _Usage("stdout is closed; use --output FILE")
+    if os.environ.get("GITHUB_ACTIONS") == "true" and sys.stderr is None:
+        raise _Usage("stderr is closed, so the ::add-mask:: line cannot be printed before the token")
+
+
+def _get(args: argparse.Namespace) -> int:
+    min_ttl = _min_ttl(args.min_ttl)
     _check_env_name(args.env_name)
+    _check_streams(args)
     # Checked before the request: a token fetched and then not delivered is still audited as
     # served, and on a per-job profile it starts a family nobody can refresh or release.
     if args.output is not None:
-        _check_writable(args.output, "the --output file")
+        _check_writable(args.output, OUTPUT)
     if args.refresh_file is not None:
+        _check_distinct(args.output, args.refresh_file)
         _check_new_refresh_file(args.refresh_file)
     client = _client(args.retries)
     if args.refresh_file is not None:
@@ -275,17 +296,35 @@ def _keep_refresh_token(path: Path, body: dict[str, object]) -> None:
         raise _Failure(f"cannot write the refresh file {path}: {exc.strerror or exc}") from None
 
 
+OUTPUT = "the --output file"
+REFRESH_FILE = "the refresh file"
+STDOUT_HINT = " (to print the token, leave out --output)"
+
+
+def _check_distinct(output: Path | None, refresh_file: Path) -> None:
+    """One file cannot hold both: the token written last would make the refresh token, and so
+    the family, unreachable (it could be neither refreshed nor released)."""
+    if output is not None and os.path.realpath(output) == os.path.realpath(refresh_file):
+        raise _Usage(f"--output and --refresh-file are the same file ({output}); the refresh token needs a file "
+                     "of its own")
+
+
 def _check_writable(path: Path, what: str) -> os.stat_result | None:
     """Before anything is fetched: ``path`` can take the atomic write (a temp file beside it,
     then a rename), or a usage error naming ``what`` says why not. Its stat if it exists."""
     import tempfile
 
     try:
-        info = os.stat(path)
+        info = os.lstat(path)
     except FileNotFoundError:
         info = None
     except OSError as exc:
         raise _Usage(f"cannot use {path} as {what}: {exc.strerror or exc}") from None
+    if info is not None and stat.S_ISLNK(info.st_mode):
+        # The atomic write renames a new file over the path: it would replace the link (as root,
+        # /dev/stdout for everything after this command), not write through it.
+        raise _Usage(f"{what} {path} is a symbolic link, which the write would replace rather than write "
+                     f"through; give the path of a regular file{STDOUT_HINT if what == OUTPUT else ''}")
     if info is not None and not stat.S_ISREG(info.st_mode):
         raise _Usage(f"{what} {path} exists and is not a regular file; pick another path")
     if not path.parent.is_dir():
@@ -301,7 +340,7 @@ def _check_writable(path: Path, what: str) -> os.stat_result | None:
 def _check_new_refresh_file(path: Path) -> None:
     """Before a family is started: a refresh file that cannot be written would leave a family
     nobody can release, and overwriting one would lose an earlier family's refresh token."""
-    info = _check_writable(path, "the refresh file")
+    info = _check_writable(path, REFRESH_FILE)
     if info is not None and info.st_size > 0:
         raise _Usage(f"the refresh file {path} is not empty: it may hold an earlier family's refresh token; "
                      f"run broker release --refresh-file {shlex.quote(str(path))} first, or pick another file")
@@ -354,8 +393,12 @@ def _read_refresh_file(path: Path) -> dict[str, object]:
 
 def _refresh(args: argparse.Namespace) -> int:
     _check_env_name(args.env_name)
+    _check_streams(args)
+    # Before the refresh spends the old refresh token: the new one and the token must land.
     if args.output is not None:
-        _check_writable(args.output, "the --output file")  # before the refresh spends the old token
+        _check_writable(args.output, OUTPUT)
+    _check_distinct(args.output, args.refresh_file)
+    _check_writable(args.refresh_file, REFRESH_FILE)
     kept = _read_refresh_file(args.refresh_file)
     body = _client(args.retries).refresh(str(kept["refresh_token"]))
     try:
@@ -372,8 +415,9 @@ def _release(args: argparse.Namespace) -> int:
     body = _client(args.retries).release(str(kept["family"]))
     args.refresh_file.unlink(missing_ok=True)
     if body is None:
-        print(f"broker release: family {kept['family']} is already gone (ended by an earlier attempt whose "
-              f"answer was lost, or expired); removed {args.refresh_file}", file=sys.stderr)
+        print(f"broker release: family {kept['family']} had already ended (released, expired at the profile's "
+              "family_max_age, or revoked: after a reuse, by an admin, or with its profile), unless the file "
+              f"came from another client certificate; removed {args.refresh_file}", file=sys.stderr)
         return EXIT_OK
     print(json.dumps(body))
     if body.get("revoked") is False:
@@ -403,6 +447,8 @@ COMMANDS = {"serve": _serve, "dev": _dev, "check": _check, "certs": _certs, "get
 
 def _report(command: str, exc: BaseException) -> int:
     """Print one line per problem of an expected failure; the exit code it calls for."""
+    if sys.stderr is None:  # closed (2>&-): print() would fall back to stdout, which may be $(...)
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the rest of this short process
     prefix = f"broker {command}"
     if isinstance(exc, ConfigError):
         for problem in exc.problems:

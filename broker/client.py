@@ -10,6 +10,7 @@ code to use; none carries a token.
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import math
@@ -17,7 +18,7 @@ import random
 import ssl
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -59,6 +60,15 @@ class ClientConfig:
                    ca=paths["BROKER_CA"], retries=retries)
 
 
+def _parse_problem(exc: ValueError) -> str:
+    """Why urlsplit refused the URL, without quoting it: its messages repeat the part they could
+    not read ("Port could not be cast to integer value as 'pw'"), which may be a password."""
+    text = str(exc)
+    if text.startswith("Port"):
+        return "the port is not a number from 0 to 65535"
+    return text if "'" not in text and '"' not in text else "it cannot be parsed"
+
+
 def _checked_url(url: str) -> str:
     """``url`` if it is ``https://host[:port][/]``; a usage error naming the problem otherwise."""
     def bad(problem: str) -> ClientError:
@@ -68,7 +78,7 @@ def _checked_url(url: str) -> str:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
     except ValueError as exc:
-        raise bad(f"is not a valid URL ({exc})") from None
+        raise bad(f"is not a valid URL ({_parse_problem(exc)})") from None
     if parts.scheme != "https" or not parts.hostname:
         raise bad("is not an https:// URL with a host, e.g. https://localhost:8443")
     if "@" in parts.netloc:
@@ -83,9 +93,6 @@ class Answer:
     status: int
     body: bytes
     headers: Mapping[str, str]
-    # An earlier try failed after the request may have reached the broker: a 404 to a release
-    # then means that try ended the family.
-    after_lost_answer: bool = False
 
     def json(self) -> dict[str, object]:
         """The body as a JSON object; ValueError if it is anything else."""
@@ -145,7 +152,6 @@ class BrokerClient:
         data = json.dumps(payload).encode() if payload is not None else None
         attempts = max(0, self._config.retries) + 1
         url = url_without_secrets(self._config.url)
-        lost_answer = False
         for attempt in range(1, attempts + 1):
             last = attempt == attempts
             try:
@@ -154,7 +160,7 @@ class BrokerClient:
                 exc = not_sent.cause
                 if isinstance(exc, ssl.SSLCertVerificationError):
                     raise ClientError(self._unverified(exc)) from None
-                if last:
+                if last or (isinstance(exc, ssl.SSLError) and _refused_certificate(exc)):
                     raise ClientError(_tls_failed(url, exc) if isinstance(exc, ssl.SSLError)
                                       else _unreachable(url, attempts, exc)) from None
                 self._sleep(self._backoff(attempt, None))
@@ -162,19 +168,17 @@ class BrokerClient:
             except (OSError, http.client.HTTPException) as exc:  # the request may have reached the broker
                 if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLEOFError):
                     # A TLS alert after the handshake: the broker refused this client certificate.
-                    if last or unsafe is not None or _not_for_client_auth(exc):
+                    if last or unsafe is not None or _refused_certificate(exc):
                         raise ClientError(_tls_failed(url, exc)) from None
                 elif unsafe is not None:
                     raise ClientError(f"{_unreachable(url, attempt, exc)}; not retried: the broker may have "
                                       f"acted on the request, {unsafe}") from None
                 elif last:
                     raise ClientError(_unreachable(url, attempts, exc)) from None
-                else:
-                    lost_answer = True
                 self._sleep(self._backoff(attempt, None))
                 continue
             if answer.status not in RETRIED_STATUSES or last:
-                return replace(answer, after_lost_answer=lost_answer)
+                return answer
             self._sleep(self._backoff(attempt, answer.headers.get("retry-after")))
         raise AssertionError("unreachable")
 
@@ -201,6 +205,10 @@ class BrokerClient:
             path += f"?min_ttl={math.ceil(min_ttl)}"  # rounding down would ask for less than wanted
         answer = self.request("GET", path)
         if answer.status == 400 and "per-job" in answer.error_message():
+            if min_ttl:
+                raise ClientError(f"--min-ttl does not apply to {profile}, a per-job profile: each token of a family "
+                                  "lasts the profile's ttl; start the family with --refresh-file and run broker "
+                                  "refresh before the token runs out", exit_code=2)
             return self.start_family(profile)
         return _with_token(self._ok(answer))
 
@@ -215,10 +223,11 @@ class BrokerClient:
                                                  unsafe=lost)))
 
     def release(self, family: str) -> dict[str, object] | None:
-        """The DELETE's answer; None if a retry found the family gone (an earlier try whose
-        answer was lost ended it, or it expired meanwhile)."""
+        """The DELETE's answer; None if the broker has no live family of that id for this
+        certificate: it has ended already (an earlier try whose answer was lost, its
+        family_max_age, a reuse, an admin revoke), and releasing it is done."""
         answer = self.request("DELETE", f"/v1/families/{quote(family, safe='')}")
-        if answer.status == 404 and answer.after_lost_answer:
+        if answer.status == 404 and "token family" in answer.error_message():
             return None
         return self._ok(answer)
 
@@ -262,18 +271,29 @@ class _NotSent(Exception):
         self.cause = cause
 
 
-def _not_for_client_auth(exc: ssl.SSLError) -> bool:
-    """The broker's alert for a certificate whose extendedKeyUsage lacks clientAuth: a property
-    of the certificate, so trying again cannot help."""
-    return "UNSUPPORTED_CERTIFICATE" in (exc.reason or "")
+# TLS alerts by which the broker refuses the client certificate itself: trying again with the
+# same certificate cannot help, so these are not retried.
+_CERTIFICATE_ALERTS = ("UNSUPPORTED_CERTIFICATE", "UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_EXPIRED",
+                       "CERTIFICATE_REVOKED", "CERTIFICATE_UNKNOWN", "CERTIFICATE_REQUIRED", "ACCESS_DENIED")
+
+
+def _refused_certificate(exc: ssl.SSLError) -> bool:
+    return any(alert in (exc.reason or "") for alert in _CERTIFICATE_ALERTS)
 
 
 def _tls_failed(url: str, exc: ssl.SSLError) -> str:
-    if _not_for_client_auth(exc):
+    reason = exc.reason or ""
+    if "UNSUPPORTED_CERTIFICATE" in reason:
         return (f"the broker at {url} refused this client certificate: it is not issued for client "
                 "authentication (its extendedKeyUsage must include clientAuth, as `broker certs client` "
                 "issues it); check BROKER_CERT")
-    return (f"TLS handshake with {url} failed ({exc.reason or exc}); the broker refused this client "
+    if "UNKNOWN_CA" in reason:
+        return (f"the broker at {url} refused this client certificate: it does not trust the CA that signed it "
+                f"({reason}); check BROKER_CERT, or ask the broker's operators which CA its client_ca is")
+    if _refused_certificate(exc):
+        return (f"the broker at {url} refused this client certificate ({reason}); check BROKER_CERT and "
+                "BROKER_KEY, or ask for a new certificate")
+    return (f"TLS handshake with {url} failed ({reason or exc}); the broker refused this client "
             "certificate (check BROKER_CERT and BROKER_KEY) or does not speak TLS 1.3")
 
 
@@ -294,6 +314,9 @@ def write_secret_file(path: Path, text: str) -> None:
 
     if not path.parent.is_dir():
         raise FileNotFoundError(2, "No such directory", str(path.parent))
+    if path.is_symlink():
+        # The rename would replace the link itself (as root: /dev/stdout), not write through it.
+        raise OSError(errno.ELOOP, "Is a symbolic link", str(path))
     if path.exists() and not path.is_file():
         # The write renames a new file over the path: as root, that would replace /dev/null.
         raise IsADirectoryError(21, "Not a regular file", str(path))

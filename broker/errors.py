@@ -100,9 +100,13 @@ def url_without_secrets(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "", url
+    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=-1)
+    if cut >= 0 and "@" in rest[cut:]:
+        # A "?" in a password, or an "@" in a query: no way to tell which part is a secret.
+        return f"{scheme}{sep}…"
     if "@" in rest:
         rest = "…@" + rest.rpartition("@")[2]
-    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=-1)
+        cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=-1)
     if cut >= 0:
         rest = rest[:cut + 1] + "…"
     return f"{scheme}{sep}{rest}"

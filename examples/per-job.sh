@@ -17,7 +17,7 @@ refresh_file="$workdir/$profile.refresh"
 
 finish() {
   if [[ -f "$refresh_file" ]]; then
-    broker release --refresh-file "$refresh_file" > /dev/null || echo "per-job: release failed; the family ends at family_max_age" >&2
+    broker release --refresh-file "$refresh_file" > /dev/null || echo "per-job: release failed (broker unreachable?); the family ends at family_max_age" >&2
   fi
   rm -rf "$workdir"
 }

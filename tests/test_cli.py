@@ -10,6 +10,7 @@ exit code 0 ok, 1 runtime failure, 2 usage or configuration error.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import re
@@ -26,6 +27,7 @@ import aiohttp
 import hvac
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from broker import certs
@@ -209,7 +211,9 @@ async def test_get_with_a_key_that_does_not_match_the_cert_is_a_usage_error(b: R
 
 @pytest.mark.parametrize(("url", "shown", "problem"), [
     ("http://localhost:8443", "http://localhost:8443", "https://"),
-    ("https://localhost:notaport", "https://localhost:notaport", "not a valid URL"),
+    ("https://localhost:notaport", "https://localhost:notaport", "not a valid URL (the port is not a number"),
+    ("https://ci:Hunter2pw/x@localhost:1", "https://…@localhost:1", "the port is not a number"),
+    ("https://localhost:1/?token=s.Part1@Part2pw", "https://…", "no path, query or fragment"),
     ("https://[::1", "https://[::1", "not a valid URL"),
     ("https://localhost:8443/v1", "https://localhost:8443/v1", "no path, query or fragment"),
     ("https://localhost:8443/?", "https://localhost:8443/?…", "no path, query or fragment"),
@@ -220,7 +224,7 @@ async def test_get_with_a_key_that_does_not_match_the_cert_is_a_usage_error(b: R
 async def test_get_with_a_bad_broker_url_is_a_usage_error(b: RunningBroker, url: str, shown: str, problem: str) -> None:
     """The URL is repeated as far as it cannot be a secret: a query or fragment may hold a token."""
     run = await broker_cli("get", "demo", env=job_env(b, BROKER_URL=url))
-    assert_one_line_error(run, 2, "BROKER_URL", repr(shown), problem, secrets=["FAKESECRET"])
+    assert_one_line_error(run, 2, "BROKER_URL", repr(shown), problem, secrets=["FAKESECRET", "Hunter2pw", "Part2pw"])
 
 
 @pytest.mark.parametrize("userinfo", ["ci-user:s3cr3t-pw@", "s3cr3t-pw@", "ci-user:s3cr3t-pw@[::1"])
@@ -249,11 +253,39 @@ async def test_get_with_the_wrong_ca_fails_without_retrying(b: RunningBroker) ->
     assert_one_line_error(run, 1, "BROKER_CA", "is BROKER_CA the CA", secrets=secrets_of(b))
 
 
-async def test_get_with_a_client_cert_the_broker_does_not_trust_fails(b: RunningBroker) -> None:
+async def test_get_with_a_client_cert_the_broker_does_not_trust_says_so_at_once(b: RunningBroker) -> None:
     other = b.pki.other_dir
     env = job_env(b, BROKER_CERT=str(other / "job.pem"), BROKER_KEY=str(other / "job.key"))
-    run = await broker_cli("get", "demo", "--retries", "0", env=env)
-    assert_one_line_error(run, 1, b.url, "BROKER_CERT", "BROKER_KEY", secrets=secrets_of(b))
+    refused = b.metric("broker_tls_handshakes_total", outcome="failure") or 0
+    run = await broker_cli("get", "demo", "--retries", "5", env=env)
+    assert_one_line_error(run, 1, b.url, "does not trust the CA that signed it", "UNKNOWN_CA", "BROKER_CERT",
+                          secrets=secrets_of(b))
+    assert b.metric("broker_tls_handshakes_total", outcome="failure") == refused + 1, "not retried"
+
+
+@pytest.mark.parametrize("when", ["expired", "not yet valid"])
+async def test_get_with_a_client_cert_outside_its_validity_is_a_local_usage_error(
+        b: RunningBroker, tmp_path: Path, when: str) -> None:
+    now = dt.datetime.now(dt.timezone.utc)
+    window = (now - dt.timedelta(days=2), now - dt.timedelta(days=1)) if when == "expired" else (
+        now + dt.timedelta(days=1), now + dt.timedelta(days=2))
+    pem, key = b.pki.pair("job")
+    ca_key = serialization.load_pem_private_key((b.pki.dir / "ca.key").read_bytes(), password=None)
+    ca = x509.load_pem_x509_certificate(b.pki.ca.read_bytes())
+    job = x509.load_pem_x509_certificate(pem.read_bytes())
+    builder = x509.CertificateBuilder().subject_name(job.subject).issuer_name(ca.subject).public_key(
+        job.public_key()).serial_number(x509.random_serial_number()).not_valid_before(window[0]).not_valid_after(
+        window[1])
+    for extension in job.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    (tmp_path / "job.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    handshakes = b.metric("broker_tls_handshakes_total", outcome="failure") or 0
+    run = await broker_cli("get", "demo", env=job_env(b, BROKER_CERT=str(tmp_path / "job.pem"), BROKER_KEY=str(key)))
+    expected = (f"expired at {cert.not_valid_after_utc.isoformat()}" if when == "expired"
+                else f"is not valid until {cert.not_valid_before_utc.isoformat()}")
+    assert_one_line_error(run, 2, f"client cert {tmp_path / 'job.pem'} {expected}")
+    assert (b.metric("broker_tls_handshakes_total", outcome="failure") or 0) == handshakes, "never sent"
 
 
 @pytest.mark.parametrize("cert", ["no-eku", "server-only"])
@@ -325,6 +357,21 @@ async def test_get_output_to_something_not_a_regular_file_leaves_it_alone(b: Run
     run = await broker_cli("get", "demo", "--output", str(fifo), env=job_env(b))
     assert_one_line_error(run, 2, "the --output file", str(fifo), "not a regular file", secrets=secrets_of(b))
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+async def test_get_output_to_a_symbolic_link_is_refused_and_leaves_the_link(b: RunningBroker, tmp_path: Path) -> None:
+    # As root, --output /dev/stdout (a link to /proc/self/fd/1) replaced the link itself with a
+    # 0600 file holding the token: the job's later output went into it.
+    target = tmp_path / "target"
+    target.write_text("kept\n")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    served = _served(b)
+    run = await broker_cli("get", "demo", "--output", str(link), env=job_env(b))
+    assert_one_line_error(run, 2, f"the --output file {link} is a symbolic link", "leave out --output",
+                          secrets=secrets_of(b))
+    assert link.is_symlink() and target.read_text() == "kept\n"
+    assert _served(b) == served, "refused before the fetch"
 
 
 def _served(b: RunningBroker) -> int:

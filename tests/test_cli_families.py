@@ -117,6 +117,50 @@ async def test_get_with_an_output_it_cannot_write_starts_no_family(b: RunningBro
     assert _created(b) == before
 
 
+async def test_a_refresh_file_that_is_a_symbolic_link_is_refused_before_anything_is_spent(
+        b: RunningBroker, tmp_path: Path) -> None:
+    before = _created(b)
+    target = tmp_path / "elsewhere"
+    link = tmp_path / "link.refresh"
+    link.symlink_to(target)
+    run = await broker_cli("get", "deploy", "--refresh-file", str(link), env=job_env(b))
+    assert_one_line_error(run, 2, f"the refresh file {link} is a symbolic link")
+    assert _created(b) == before and link.is_symlink() and not target.exists()
+    refresh_file = tmp_path / "deploy.refresh"
+    assert (await broker_cli("get", "deploy", "--refresh-file", str(refresh_file), env=job_env(b))).code == 0
+    kept = refresh_file.read_text()
+    _kept(refresh_file, b)
+    link.unlink()
+    link.symlink_to(refresh_file)
+    run = await broker_cli("refresh", "--refresh-file", str(link), env=job_env(b))
+    assert_one_line_error(run, 2, f"the refresh file {link} is a symbolic link")
+    assert refresh_file.read_text() == kept and link.is_symlink(), "nothing spent, nothing replaced"
+    assert (await broker_cli("release", "--refresh-file", str(refresh_file), env=job_env(b))).code == 0
+
+
+@pytest.mark.parametrize("command", ["get", "refresh"])
+async def test_one_file_for_output_and_refresh_file_is_refused(b: RunningBroker, tmp_path: Path, command: str) -> None:
+    refresh_file = tmp_path / "deploy.refresh"
+    if command == "refresh":
+        assert (await broker_cli("get", "deploy", "--refresh-file", str(refresh_file), env=job_env(b))).code == 0
+        _kept(refresh_file, b)
+    before = _created(b)
+    args = ["deploy"] if command == "get" else []
+    run = await broker_cli(command, *args, "--refresh-file", str(refresh_file), "--output",
+                           str(tmp_path / "." / "deploy.refresh"), env=job_env(b))
+    assert_one_line_error(run, 2, "--output and --refresh-file are the same file", "needs a file of its own")
+    assert _created(b) == before
+    if command == "refresh":
+        assert (await broker_cli("release", "--refresh-file", str(refresh_file), env=job_env(b))).code == 0
+
+
+async def test_min_ttl_on_a_per_job_profile_is_a_usage_error(b: RunningBroker) -> None:
+    before = _created(b)
+    run = await broker_cli("get", "deploy", "--min-ttl", "10h", env=job_env(b))
+    assert_one_line_error(run, 2, "--min-ttl does not apply to deploy, a per-job profile", "broker refresh")
+    assert _created(b) == before, "no family started"
+
+
 async def test_refresh_with_an_output_it_cannot_write_spends_nothing(b: RunningBroker, tmp_path: Path) -> None:
     refresh_file = tmp_path / "deploy.refresh"
     assert (await broker_cli("get", "deploy", "--refresh-file", str(refresh_file), env=job_env(b))).code == 0
@@ -209,17 +253,28 @@ async def test_a_refresh_file_that_cannot_be_written_after_the_post_releases_the
     assert not token_is_valid(b.vault, token)
 
 
-async def test_release_of_an_already_released_family_is_a_404(b: RunningBroker, tmp_path: Path) -> None:
-    """Only a retry may take a 404 for "released already": on the first try it is an error."""
+async def test_release_of_a_family_that_already_ended_says_so_and_frees_the_file(b: RunningBroker,
+                                                                                  tmp_path: Path) -> None:
+    """A family revoked as reused (or expired, or ended by an admin) has nothing left to release:
+    the release succeeds and removes the file, so the job's next broker get can use it again
+    (a failing release kept it, and broker get then refused the non-empty file: a loop)."""
     refresh_file = tmp_path / "deploy.refresh"
     assert (await broker_cli("get", "deploy", "--refresh-file", str(refresh_file), env=job_env(b))).code == 0
-    copy = tmp_path / "copy.refresh"
-    copy.write_text(refresh_file.read_text())
+    kept = _kept(refresh_file, b)
+    stolen = tmp_path / "stolen.refresh"
+    stolen.write_text(refresh_file.read_text())
+    os.chmod(stolen, 0o600)
+    run = await broker_cli("refresh", "--refresh-file", str(stolen), env=job_env(b, cert="job-other"))
+    assert_one_line_error(run, 1, "401", "refresh_token_reused")
+    run = await broker_cli("release", "--refresh-file", str(refresh_file), env=job_env(b))
+    assert run.code == 0 and run.out == "", run
+    (line,) = run.err.splitlines()
+    assert line.startswith(f"broker release: family {kept['family']} had already ended") and "revoked" in line
+    assert not refresh_file.exists()
+    run = await broker_cli("get", "deploy", "--refresh-file", str(refresh_file), env=job_env(b))
+    assert run.code == 0, run
+    b.seen_secrets.add(run.out.strip())
     _kept(refresh_file, b)
-    assert (await broker_cli("release", "--refresh-file", str(refresh_file), env=job_env(b))).code == 0
-    run = await broker_cli("release", "--refresh-file", str(copy), env=job_env(b))
-    assert_one_line_error(run, 1, "404", "not_found", secrets=secrets_of(b))
-    assert copy.exists()
 
 
 @pytest.mark.parametrize("kind", ["device", "fifo", "directory", "huge"])

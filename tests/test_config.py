@@ -1036,7 +1036,9 @@ def test_a_bad_vault_address_is_shown_without_user_info_or_query(tmp_path: Path)
 @pytest.mark.parametrize(("url", "shown"), [
     ("https://vault.example:8200/v1", "https://vault.example:8200/v1"),
     ("https://user:Hunter2pw@host:1", "https://…@host:1"),
-    ("https://user:Hunter2?pw@host", "https://…@host"),  # a "?" inside the password: not a query
+    ("https://user:Hunter2?pw@host", "https://…"),  # a "?" in a password, or an "@" in a query?
+    ("https://host:1/?token=s.Part1@Part2pw", "https://…"),
+    ("https://ci:Hunter2pw/x@host:1", "https://…@host:1"),  # a "/" in the password
     ("https://host/?token=Hunter2pw", "https://host/?…"),
     ("https://host#Hunter2pw?x", "https://host#…"),
     ("user:Hunter2pw@host", "…@host"),  # no scheme: everything before "@" may be user info
