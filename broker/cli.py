@@ -50,6 +50,16 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _profile_name(text: str) -> str:
+    """A profile name as the config allows it: anything else cannot exist on any broker."""
+    from broker.config import PROFILE_NAME
+
+    if not PROFILE_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text[:70]!r} is not a profile name (up to 63 lowercase letters, "
+                                         "digits, '_', '.' or '-', starting with a letter or digit)")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="broker", description="mTLS sidecar token broker for CI runners")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -80,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument("--force", action="store_true")
 
     get = sub.add_parser("get", help="fetch a token (job side; env BROKER_URL/CERT/KEY/CA)")
-    get.add_argument("profile")
+    get.add_argument("profile", type=_profile_name)
     get.add_argument("--min-ttl", default=None, help="at least this much lifetime left, e.g. 10m")
     _output_args(get)
     get.add_argument("--retries", type=_non_negative, default=5, help="retries on 503 / connection errors")
@@ -97,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
 
     for action in ("rotate", "revoke"):
         admin = sub.add_parser(action, help=f"admin: {action} a profile's token now")
-        admin.add_argument("profile")
+        admin.add_argument("profile", type=_profile_name)
         admin.add_argument("--retries", type=_non_negative, default=2)
     return p
 

@@ -53,8 +53,11 @@ class ClientConfig:
                               exit_code=2)
         paths = {name: Path(env[name]) for name in ("BROKER_CERT", "BROKER_KEY", "BROKER_CA")}
         for name, path in paths.items():
-            if not path.is_file():
+            if not path.exists():
                 raise ClientError(f"{name} file {path} does not exist", exit_code=2)
+            if not path.is_file():
+                raise ClientError(f"{name} {path} is not a regular file (a directory or device?); give the PEM "
+                                  "file's path", exit_code=2)
         url = env.get("BROKER_URL") or DEFAULT_URL
         return cls(url=_checked_url(url), cert=paths["BROKER_CERT"], key=paths["BROKER_KEY"],
                    ca=paths["BROKER_CA"], retries=retries)

@@ -953,7 +953,7 @@ def _admin(r: _Reader) -> AdminConfig:
     return AdminConfig(allow=allow)
 
 
-_PROFILE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+PROFILE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 _PROFILE_MODES = ("shared", "per-job")
 _PER_JOB_ONLY = ("reuse_interval", "family_max_age", "max_families_per_client")
 _BAD_ROLE_CHARS = re.compile(r"[/?#%\s]")
@@ -962,7 +962,7 @@ _BAD_ROLE_CHARS = re.compile(r"[/?#%\s]")
 def _profiles(r: _Reader) -> dict[str, ProfileConfig]:
     profiles = {}
     for name in r.table:
-        if not _PROFILE_NAME.fullmatch(name):
+        if not PROFILE_NAME.fullmatch(name):
             r.report(
                 name,
                 f"profile name {_shown(name)} is not allowed; use up to 63 lowercase letters, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +39,26 @@ def test_a_closed_stderr_under_github_actions_puts_nothing_on_stdout(monkeypatch
     monkeypatch.setenv("GITHUB_ACTIONS", "true")
     assert cli.main(["get", "demo"]) == 2
     assert out.getvalue() == "", "neither the mask line nor the error may land in $(broker get ...)"
+
+
+@pytest.mark.parametrize("command", ["get", "rotate", "revoke"])
+@pytest.mark.parametrize("name", ["", "Demo", "../v1/whoami", "x" * 64])
+def test_a_profile_name_no_config_accepts_is_a_usage_error(command: str, name: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main([command, name])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a profile name (up to 63 lowercase letters" in err, err
+
+
+def test_a_client_file_that_is_a_directory_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "job.key").write_text("")
+    (tmp_path / "ca.pem").write_text("")
+    monkeypatch.setenv("BROKER_CERT", str(tmp_path))
+    monkeypatch.setenv("BROKER_KEY", str(tmp_path / "job.key"))
+    monkeypatch.setenv("BROKER_CA", str(tmp_path / "ca.pem"))
+    assert cli.main(["get", "demo"]) == 2
+    assert capsys.readouterr().err == (f"broker get: BROKER_CERT {tmp_path} is not a regular file (a directory or "
+                                       "device?); give the PEM file's path\n")
