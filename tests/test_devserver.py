@@ -55,3 +55,14 @@ def test_a_command_the_http_path_does_not_know_is_refused_not_guessed(private_op
         private_openbao.bao("token", "create", "-policy=default")
     with pytest.raises(BrokerError, match=r"bao write auth/token/roles/x token_explicit_max_ttl=not-a-duration failed: 400 .*invalid duration"):
         private_openbao.bao("write", "auth/token/roles/x", "token_explicit_max_ttl=not-a-duration")
+
+
+def test_the_http_path_goes_to_the_server_directly_whatever_http_proxy_says(
+        private_openbao: OpenBaoDevServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The bao CLI never proxies loopback; the requests carry the root token.
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # the discard port: nothing answers
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    private_openbao.cli = False
+    assert "path" in private_openbao.bao("policy", "read", "default")

@@ -665,6 +665,32 @@ async def test_a_certificate_holds_at_most_max_families_per_client(brokers: Brok
     assert token_is_valid(b.vault, refreshed["token"])
 
 
+async def test_a_family_being_recorded_counts_once_against_the_limit(brokers: BrokerFactory,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the first start writes families.json, its family is tracked already: it must not
+    also count as "starting", or a second start within the limit is refused."""
+    b = await brokers.start({"deploy": {**PER_JOB, "max_families_per_client": 2}})
+    store = b.broker.store
+    save = store.save_families
+    writing, go_on = asyncio.Event(), asyncio.Event()
+
+    async def held_once(lines: list[str]) -> None:
+        if not writing.is_set():
+            writing.set()
+            await go_on.wait()
+        await save(lines)
+
+    monkeypatch.setattr(store, "save_families", held_once)
+    first = asyncio.create_task(raw(b, "POST", "/v1/tokens/deploy"))
+    await asyncio.wait_for(writing.wait(), 10)
+    second = await raw(b, "POST", "/v1/tokens/deploy")
+    go_on.set()
+    answers = [await first, second]
+    b.seen_secrets |= {a.json()["refresh_token"] for a in answers if a.status == 200}
+    assert [a.status for a in answers] == [200, 200], [a.text for a in answers]
+    assert_error(await raw(b, "POST", "/v1/tokens/deploy"), 409, "too_many_families")
+
+
 async def test_the_family_limit_counts_families_kept_across_a_restart(brokers: BrokerFactory) -> None:
     profiles = {"deploy": {**PER_JOB, "max_families_per_client": 1}}
     b = await brokers.start(profiles)

@@ -25,7 +25,7 @@ import random
 import re
 import secrets
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -321,30 +321,40 @@ class FamilyManager:
         return started + self._starting[(profile, owner_fp)]
 
     @contextmanager
-    def _slot(self, profile: ProfileConfig, caller: Caller) -> Iterator[None]:
-        """Hold one of the caller's ``max_families_per_client`` places while a family starts."""
+    def _slot(self, profile: ProfileConfig, caller: Caller) -> Iterator[Callable[[], None]]:
+        """Hold one of the caller's ``max_families_per_client`` places while a family starts.
+        Yields ``placed``, to call once the family itself is tracked (and so counted)."""
         key = (profile.name, caller.fingerprint)
         limit = profile.max_families_per_client
         if self.live_count(*key) >= limit:
             self._metrics.count_request(profile.name, "family_limit")
             raise FamilyLimitReached(
                 f"this client certificate already holds {limit} live token families of profile {profile.name} "
-                f"(max_families_per_client); release finished ones (DELETE /v1/families/{{family}}, broker "
-                "release) or wait until one reaches family_max_age")
+                f"(max_families_per_client; jobs sharing a certificate share the limit); release finished ones "
+                "(DELETE /v1/families/{family}, broker release) or wait until one reaches family_max_age")
         self._starting[key] += 1
+        held = True
+
+        def placed() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._starting[key] -= 1
+                if self._starting[key] <= 0:
+                    del self._starting[key]
+
         try:
-            yield
+            yield placed
         finally:
-            self._starting[key] -= 1
-            if self._starting[key] <= 0:
-                del self._starting[key]
+            placed()
 
     async def create(self, profile_name: str, caller: Caller, identity: str) -> Issued:
         profile = self._profiles[profile_name]
-        with self._slot(profile, caller):
-            return await self._create(profile, caller, identity)
+        with self._slot(profile, caller) as placed:
+            return await self._create(profile, caller, identity, placed)
 
-    async def _create(self, profile: ProfileConfig, caller: Caller, identity: str) -> Issued:
+    async def _create(self, profile: ProfileConfig, caller: Caller, identity: str,
+                      placed: Callable[[], None]) -> Issued:
         family_id = new_family_id()
         now = self._clock.now()
         expires_at = now + profile.family_max_age
@@ -364,6 +374,7 @@ class FamilyManager:
         await self._audit_or_revoke(token, "family_created", profile=profile.name, family=family_id,
                                     identity=identity, generation=1, token_fp=token.fp)
         self._families[family_id] = family
+        placed()  # counted as a family from here on, no longer as one starting
         try:
             await self._persist()
         except OSError as exc:
