@@ -17,6 +17,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from broker.tokens import families as families_module
 from tests.conftest import BrokerFactory, RunningBroker, assert_error, assert_still_serving, raw, token_is_valid
 from tests.fakes import FakeClock
 from tests.faults import TcpProxy
@@ -663,6 +664,23 @@ async def test_a_certificate_holds_at_most_max_families_per_client(brokers: Brok
     assert token_is_valid(b.vault, (await _create(b))["token"]), "a released family frees its place"
     assert_error(await raw(b, "POST", "/v1/tokens/deploy"), 409, "too_many_families")
     assert token_is_valid(b.vault, refreshed["token"])
+
+
+async def test_a_family_remembers_a_bounded_number_of_spent_refresh_tokens(brokers: BrokerFactory,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # One line of families.json per family, re-encoded on every refresh: it must not grow without end.
+    monkeypatch.setattr(families_module, "SPENT_HASHES_KEPT", 3)
+    b = await brokers.start({"deploy": {**PER_JOB, "reuse_interval": "0s"}})
+    issued = [await _create(b)]
+    for _ in range(6):
+        status, body = await _refresh(b, issued[-1]["refresh_token"])
+        assert status == 200, body
+        issued.append(body)
+    (family,) = b.broker.families.families
+    assert len(family.spent_hashes) == 3 and family.generation == 7
+    await _refused(b, issued[0]["refresh_token"], "refresh_token_invalid", INVALID)  # forgotten: unknown
+    assert token_is_valid(b.vault, issued[-1]["token"]), "an unknown token revokes nothing"
+    await _refused(b, issued[3]["refresh_token"], "refresh_token_reused", REUSED)  # remembered: reuse
 
 
 async def test_a_family_being_recorded_counts_once_against_the_limit(brokers: BrokerFactory,

@@ -55,6 +55,11 @@ from broker.vault.client import VaultClient
 log = logging.getLogger("broker.families")
 
 MAX_REFRESH_TOKEN_LENGTH = 256
+# Spent refresh tokens remembered per family, newest first kept. A family refreshed every few
+# minutes for a day is well within it; without a bound, a certificate refreshing at its rate
+# limit grew one family's line of families.json (re-encoded on every refresh) and the reuse
+# check without end. An older spent token is still refused, as unknown rather than as reuse.
+SPENT_HASHES_KEPT = 128
 
 
 def new_family_id() -> str:
@@ -458,7 +463,8 @@ class FamilyManager:
             spent = family.spent_hashes + ((family.previous_hash,) if family.previous_hash is not None else ())
         updated = dataclasses.replace(
             family, generation=generation, current=LiveToken.of(token), current_hash=refresh_hash(refresh_token),
-            previous_hash=previous_hash, previous_spent_at=previous_spent_at, spent_hashes=spent,
+            previous_hash=previous_hash, previous_spent_at=previous_spent_at,
+            spent_hashes=spent[-SPENT_HASHES_KEPT:],
         )
         self._families[family.id] = updated
         try:
