@@ -10,6 +10,7 @@ import hashlib
 import json
 import stat
 import time
+from collections.abc import Callable
 from typing import Any
 
 import hvac
@@ -666,6 +667,50 @@ async def test_a_certificate_holds_at_most_max_families_per_client(brokers: Brok
     assert token_is_valid(b.vault, refreshed["token"])
 
 
+async def test_a_refresh_rolled_back_after_a_failed_write_never_reaches_disk_through_another(
+        brokers: BrokerFactory) -> None:
+    """Family A's write fails and A is rolled back in memory; family B's write, queued behind it,
+    must not put A's rolled-back generation on disk (after a restart the job's valid refresh
+    token would look spent, and the token it holds would be tracked nowhere). The families loop,
+    which would rewrite the file, is in its backoff: a failing disk puts it there."""
+    clock = FakeClock()
+    b = await brokers.start({"deploy": PER_JOB}, clock=clock)
+    a, other = await _create(b), await _create(b, cert="job-other")
+    store, families = b.broker.store, b.broker.families
+    families_file = b.broker.config.state.dir / "families.json"
+    write = store._write_locked
+    disk = {"full": True, "hold_next": False}
+    entered, go_on = asyncio.Event(), asyncio.Event()
+
+    async def flaky(path: Any, data: Any) -> None:
+        if path == families_file and disk["full"]:
+            raise OSError(28, "No space left on device")
+        if path == families_file and disk["hold_next"]:
+            disk["hold_next"] = False
+            entered.set()
+            await go_on.wait()
+            raise OSError(28, "No space left on device")
+        await write(path, data)
+
+    store._write_locked = flaky  # type: ignore[method-assign]
+    status, _ = await _refresh(b, a["refresh_token"])
+    assert status == 503
+    await b.wait_for(lambda: families.retry_at is not None, what="the families loop in its backoff")
+    disk.update(full=False, hold_next=True)
+    refresh_a = asyncio.create_task(_refresh(b, a["refresh_token"]))
+    await asyncio.wait_for(entered.wait(), 10)  # A's generation 2 is being written
+    refresh_b = asyncio.create_task(_refresh(b, other["refresh_token"], cert="job-other"))
+    await b.wait_for(lambda: any(f.id == other["family"] and f.generation == 2 for f in families.families),
+                     what="B's write to wait behind A's")
+    go_on.set()
+    (status_a, _), (status_b, _) = await refresh_a, await refresh_b
+    assert (status_a, status_b) == (503, 200)
+    on_disk = {f["id"]: f["generation"] for f in json.loads(families_file.read_text())}
+    assert on_disk == {a["family"]: 1, other["family"]: 2}, on_disk
+    status, _ = await _refresh(b, a["refresh_token"])
+    assert status == 200, "A's refresh token is still the valid one"
+
+
 async def test_a_family_remembers_a_bounded_number_of_spent_refresh_tokens(brokers: BrokerFactory,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     # One line of families.json per family, re-encoded on every refresh: it must not grow without end.
@@ -692,7 +737,7 @@ async def test_a_family_being_recorded_counts_once_against_the_limit(brokers: Br
     save = store.save_families
     writing, go_on = asyncio.Event(), asyncio.Event()
 
-    async def held_once(lines: list[str]) -> None:
+    async def held_once(lines: Callable[[], list[str]]) -> None:
         if not writing.is_set():
             writing.set()
             await go_on.wait()

@@ -240,7 +240,7 @@ class FamilyManager:
     async def _persist(self) -> None:
         # Writes land in call order, so the flag ends up telling whether the newest one failed.
         try:
-            await self._store.save_families(self._lines())
+            await self._store.save_families(self._lines)
         except OSError as exc:
             self._unsaved = True
             self._state_error = f"cannot write families.json: {exc.strerror or exc}"

@@ -200,6 +200,10 @@ class StateStore:
         except ValueError as exc:
             raise _corrupt(self._families, str(exc)) from None
 
-    async def save_families(self, lines: list[str]) -> None:
-        """``lines``: each family already as one line of JSON (``json_line``)."""
-        await self._write(self._families, lambda: json_list(lines))
+    async def save_families(self, lines: Callable[[], list[str]]) -> None:
+        """``lines()``: each family as one line of JSON (``json_line``), asked for on the event
+        loop once the file's lock is held. A snapshot taken earlier, while another write waited
+        on the lock, could put on disk a change that write's failure then took back."""
+        async with self._lock(self._families):
+            data = lines()
+            await self._write_locked(self._families, lambda: json_list(data))
