@@ -160,6 +160,37 @@ async def test_revoke_on_shutdown_with_vault_stalled_queues_everything_and_stops
     assert len(failed) == 1 and "shutdown_revoke_failed error=4 of 4 token(s)" in failed[0], failed
 
 
+async def test_a_min_ttl_fetch_during_the_swap_gets_the_new_token_not_an_unkept_promise(
+        brokers: BrokerFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a rotation records its new token, the old one's revocation time (rotation + grace)
+    is fixed already: promising the old token min_ttl seconds then would not be kept (it was
+    revoked at Vault minutes before the promise). Such a fetch waits for the swap instead."""
+    clock = FakeClock()
+    b = await brokers.start({"demo": {**PROFILE["demo"], "grace": "5m"}}, clock=clock)
+    old = b.broker.cache.get("demo").current
+    store = b.broker.store
+    set_issued = store.set_issued
+    recording, go_on = asyncio.Event(), asyncio.Event()
+
+    async def held(profile: str, record: Any) -> None:
+        recording.set()
+        await go_on.wait()
+        await set_issued(profile, record)
+
+    monkeypatch.setattr(store, "set_issued", held)
+    await clock.advance(old.rotate_at - clock.now())  # the scheduled rotation starts
+    await asyncio.wait_for(recording.wait(), 10)  # minted, verified, now recording
+    min_ttl = int(old.expires_at - clock.now()) - 60  # far more than the 5 min grace
+    fetch = asyncio.create_task(b.get_token(params={"min_ttl": str(min_ttl)}))
+    await asyncio.sleep(0.2)
+    assert not fetch.done(), "the fetch waits for the swap"
+    go_on.set()
+    body = await asyncio.wait_for(fetch, 10)
+    assert body["generation"] == 2 and body["ttl"] >= min_ttl
+    retiring = next(e for e in b.broker.revocations.pending if e.generation == 1)
+    assert retiring.revoke_at <= clock.now() + 300 + 1, "no promise on the old token to keep"
+
+
 # --- 2. changes made outside the loop wake it -----------------------------------------------
 
 async def test_a_failed_admin_rotation_is_retried_at_its_retry_time(brokers: BrokerFactory, proxy: TcpProxy) -> None:

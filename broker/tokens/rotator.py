@@ -10,6 +10,7 @@ rotation, an admin call and any number of ``min_ttl`` fetches share one mint.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import random
@@ -74,6 +75,8 @@ class Rotator:
         self._inflight: asyncio.Future[ProfileState] | None = None
         # (fingerprint, time): the latest a min_ttl fetch was promised the current token lasts
         self._promised: tuple[str, float] = ("", 0.0)
+        # A rotation is recording its new token: the old one's revocation time is fixed already.
+        self._swapping = False
         self._mutating = asyncio.Lock()
         self._retry_cap = policy.retry_cap(profile.check_interval)
         self._wake = asyncio.Event()
@@ -220,6 +223,13 @@ class Rotator:
     async def _swap_in(self, token: Token, reason: str) -> None:
         """Persist first, then publish. If a write fails (OSError) nothing has changed: the
         caller rolls the new token back and the current one goes on being served."""
+        self._swapping = True
+        try:
+            await self._record_and_publish(token, reason)
+        finally:
+            self._swapping = False
+
+    async def _record_and_publish(self, token: Token, reason: str) -> None:
         now = self._clock.now()
         previous = self.state.current
         grace_until = None
@@ -285,6 +295,11 @@ class Rotator:
         outage, callers join a rotation already under way or get an error at once: the loop's
         backoff, not the request rate, decides how often Vault is tried.
         """
+        if min_ttl > 0 and self._swapping and self._inflight is not None:
+            # The revocation time of the token still served was fixed when this swap began: a
+            # promise made on it now would not be kept. Serve what the swap publishes instead.
+            with contextlib.suppress(VaultError):
+                await asyncio.shield(self._inflight)
         now = self._clock.now()
         current = self.state.current
         if policy.is_servable(now, current, min_ttl):
