@@ -18,8 +18,9 @@ from prometheus_client import CollectorRegistry
 
 from broker.audit import AuditLog
 from broker.devserver import AppRoleFiles, OpenBaoDevServer, broker_policy, setup_approle
+from broker.errors import VaultError
 from broker.metrics import Metrics
-from broker.vault.auth import AppRoleAuth, AuthMethod, Authenticator, TokenAuth
+from broker.vault.auth import RENEW_FRACTION, AppRoleAuth, AuthMethod, Authenticator, TokenAuth
 from broker.vault.client import Login, VaultClient, VaultClientConfig
 from tests.conftest import BrokerFactory, LogLines, RunningBroker, root_client, token_is_valid
 from tests.fakes import FakeClock
@@ -247,3 +248,42 @@ async def test_a_clean_shutdown_keeps_an_operator_token(
     b.seen_secrets.add(token)
     await b.shutdown()
     assert token_is_valid(private_openbao, token)
+
+
+async def test_a_renewal_that_waited_while_another_login_was_adopted_keeps_the_new_one(
+        harness: Callable[..., Harness], private_openbao: OpenBaoDevServer, tmp_path: Path,
+        log_lines: LogLines, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The renewal read login L1, then waited for a worker thread; meanwhile L1 was revoked
+    behind the broker's back and a request's 403 adopted L2. The renewal (of hvac's token: L2)
+    must not write L1 back, or the shutdown would revoke the dead L1 and leave L2 alive."""
+    _, method = _approle(private_openbao, tmp_path, "broker-renew")
+    h = harness([method])
+    await h.until(lambda: h.auth.authenticated, "the first login")
+    first = h.auth._login
+    assert first is not None
+    log_lines.secrets.add(first.token)
+    renew_self, waiting, go_on = h.vault.renew_self, asyncio.Event(), asyncio.Event()
+
+    async def queued_renew() -> float:
+        waiting.set()
+        await go_on.wait()
+        return await renew_self()
+
+    monkeypatch.setattr(h.vault, "renew_self", queued_renew)
+    await h.until(lambda: h.clock.waiting > 0, "the loop asleep until the renewal")
+    await h.clock.advance(first.ttl * RENEW_FRACTION + 1)
+    await asyncio.wait_for(waiting.wait(), 10)
+    root_client(private_openbao).auth.token.revoke(first.token)
+    try:  # 403, token gone, one new login; the retried lookup of L1's accessor may fail: irrelevant
+        await h.auth.call(lambda: h.vault.lookup_accessor(first.accessor))
+    except VaultError:
+        pass
+    second = h.auth._login
+    assert second is not None and second.token != first.token
+    log_lines.secrets.add(second.token)
+    go_on.set()
+    await h.until(lambda: h.clock.waiting > 0 and h.auth.renew_retry_at is None, "the renewal to finish")
+    await asyncio.sleep(0.1)
+    assert h.auth._login is not None and h.auth._login.token == second.token
+    await h.auth.logout(5)
+    assert not token_is_valid(private_openbao, second.token), "the shutdown revoked the login in use"

@@ -413,13 +413,15 @@ class Authenticator:
 
     async def login(self) -> Login:
         """Log in with the first method that works, primary first. Raises the last error."""
+        seen = self._serial
         try:
             method, login = await self._first_working(self._methods)
         except VaultError as exc:
             self._login_failed_at = self._clock.monotonic()
-            self._set_login(None, None)
-            self._plan_preferred_retry(fresh_fallback=True)  # nothing to come back from
             self.last_error = str(exc)
+            if self._serial == seen:  # else a login adopted meanwhile stands: keep it
+                self._set_login(None, None)
+                self._plan_preferred_retry(fresh_fallback=True)  # nothing to come back from
             raise
         self._adopt(method, login)
         return login
@@ -622,6 +624,10 @@ class Authenticator:
             except VaultError as exc:
                 log.warning("vault_renew_failed error=%s action=relogin", exc)
             else:
+                if self._serial != seen:
+                    # Another login was adopted while this renewal waited (hvac renewed that one,
+                    # its current token): writing this login back would bring back a dead token.
+                    return
                 now = self._clock.now()
                 self._valid_until = now + new_ttl
                 # A renewal that grants much less than before means the max TTL is near.
