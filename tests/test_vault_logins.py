@@ -24,6 +24,7 @@ from broker.vault.auth import RENEW_FRACTION, AppRoleAuth, AuthMethod, Authentic
 from broker.vault.client import Login, VaultClient, VaultClientConfig
 from tests.conftest import BrokerFactory, LogLines, RunningBroker, root_client, token_is_valid
 from tests.fakes import FakeClock
+from tests.faults import TcpProxy
 
 BAD_SECRET_ID = "00000000-0000-0000-0000-000000000000\n"
 
@@ -287,3 +288,34 @@ async def test_a_renewal_that_waited_while_another_login_was_adopted_keeps_the_n
     assert h.auth._login is not None and h.auth._login.token == second.token
     await h.auth.logout(5)
     assert not token_is_valid(private_openbao, second.token), "the shutdown revoked the login in use"
+
+
+async def test_a_rotation_still_running_at_shutdown_does_not_log_in_again(
+        brokers: BrokerFactory, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scheduled rotation's mint is on the wire at SIGTERM (it is shielded: the shutdown does
+    not stop it). When Vault answers after logout began, the rotation found no login and made a
+    new one, which nothing revoked: the broker's own credential outlived a clean stop."""
+    clock = FakeClock()
+    b = await brokers.start({"demo": {"ttl": "1h", "grace": "10m", "rotate_after": "40m", "check_interval": "1h"}},
+                            clock=clock, vault_address=proxy.address, vault_timeout="30s")
+    auth, vault = b.broker.auth, b.broker.vault
+    role_name = _login(b).meta["role_name"]
+    revoke_self_with, revoking = vault.revoke_self_with, asyncio.Event()
+
+    async def slow_revoke_self(token: str) -> None:  # the logout's one call, slower than the mint's answer
+        await revoking.wait()
+        await revoke_self_with(token)
+
+    monkeypatch.setattr(vault, "revoke_self_with", slow_revoke_self)
+    proxy.hold()
+    on_the_wire = proxy.request_seen("/v1/auth/token/create")
+    await clock.advance(b.broker.cache.get("demo").current.rotate_at - clock.now())
+    await asyncio.wait_for(on_the_wire.wait(), 10)
+    b.stop.set()  # SIGTERM
+    await b.wait_for(lambda: auth._login is None, what="the logout to begin")
+    proxy.release()  # Vault answers the mint now
+    await asyncio.sleep(0.5)
+    assert auth._login is None, "no login after logout began"
+    revoking.set()
+    await asyncio.wait_for(b.task, 20)
+    await b.wait_for(lambda: live_logins(b.vault, role_name) == [], timeout=5, what="every broker login revoked")

@@ -280,6 +280,7 @@ class Authenticator:
         self._ready = asyncio.Event()
         self._changed = asyncio.Event()
         self._relogin: asyncio.Future[Login] | None = None
+        self._closed = False  # logout has begun: no new login may be made after it
         # Counts every change of login (a new one, or losing it). A caller notes it before a
         # Vault call; if it changed by the time the call failed, someone already logged in again.
         self._serial = 0
@@ -345,7 +346,10 @@ class Authenticator:
 
     async def logout(self, timeout: float) -> None:
         """Clean shutdown: revoke the broker's own login (unless it is the operator's token) and
-        wait, at most ``timeout`` seconds, for that and for revocations of replaced logins."""
+        wait, at most ``timeout`` seconds, for that and for revocations of replaced logins.
+        From here on no new login is made: a rotation still finishing would otherwise log in
+        again, and nothing would ever revoke that login."""
+        self._closed = True
         if self._relogin is not None and not self._relogin.done():
             self._relogin.cancel()
         login, method = self._login, self._current
@@ -459,6 +463,8 @@ class Authenticator:
         ``seen``: the login serial under which the caller saw its failure. If the broker has
         logged in since, that login is the answer and no other is made (a 403 that raced a
         re-login, a backoff that ended after someone else logged in)."""
+        if self._closed:
+            raise VaultUnavailable("login", "the broker is shutting down")
         if self._relogin is not None and not self._relogin.done():
             await asyncio.shield(self._relogin)
             return
