@@ -421,19 +421,37 @@ def _refresh(args: argparse.Namespace) -> int:
 
 
 def _release(args: argparse.Namespace) -> int:
+    from broker.client import FamilyGone
+
     kept = _read_refresh_file(args.refresh_file)
-    body = _client(args.retries).release(str(kept["family"]))
+    try:
+        body = _client(args.retries).release(str(kept["family"]))
+    except FamilyGone as gone:
+        raise _Failure(f"{gone}; {_set_aside(args.refresh_file)}") from None
     args.refresh_file.unlink(missing_ok=True)
     if body is None:
-        print(f"broker release: family {kept['family']} had already ended (released, expired at the profile's "
-              "family_max_age, or revoked: after a reuse, by an admin, or with its profile), unless the file "
-              f"came from another client certificate; removed {args.refresh_file}", file=sys.stderr)
+        print(f"broker release: family {kept['family']} is already gone (ended by an earlier attempt whose "
+              f"answer was lost); removed {args.refresh_file}", file=sys.stderr)
         return EXIT_OK
     print(json.dumps(body))
     if body.get("revoked") is False:
         print(f"broker: the family is ended, but Vault has not yet confirmed revoking "
               f"{body.get('pending_revocations')} of its tokens; the broker keeps retrying", file=sys.stderr)
     return EXIT_OK
+
+
+def _set_aside(path: Path) -> str:
+    """The broker knows no live family of this file for this certificate: it has ended (expired,
+    revoked after a reuse, by an admin, with its profile), or another certificate started it
+    (a renewed one, another job's). The file moves aside rather than going: in the second case
+    it is the only way to end that family; and the path is free for the job's next family."""
+    aside = path.with_name(path.name + ".ended")
+    try:
+        os.replace(path, aside)
+    except OSError as exc:
+        return f"the refresh file {path} stays ({exc.strerror or exc})"
+    return (f"the family has ended, or this is not the certificate that started it; moved the refresh file to "
+            f"{aside}")
 
 
 def _admin(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ import random
 import ssl
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -34,6 +34,10 @@ class ClientError(BrokerError):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class FamilyGone(ClientError):
+    """No live family of that id for this client certificate."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,9 @@ class Answer:
     status: int
     body: bytes
     headers: Mapping[str, str]
+    # An earlier try failed after the request may have reached the broker: a 404 to a release
+    # then means that try ended the family.
+    after_lost_answer: bool = False
 
     def json(self) -> dict[str, object]:
         """The body as a JSON object; ValueError if it is anything else."""
@@ -155,6 +162,7 @@ class BrokerClient:
         data = json.dumps(payload).encode() if payload is not None else None
         attempts = max(0, self._config.retries) + 1
         url = url_without_secrets(self._config.url)
+        lost_answer = False
         for attempt in range(1, attempts + 1):
             last = attempt == attempts
             try:
@@ -178,10 +186,12 @@ class BrokerClient:
                                       f"acted on the request, {unsafe}") from None
                 elif last:
                     raise ClientError(_unreachable(url, attempts, exc)) from None
+                else:
+                    lost_answer = True
                 self._sleep(self._backoff(attempt, None))
                 continue
             if answer.status not in RETRIED_STATUSES or last:
-                return answer
+                return replace(answer, after_lost_answer=lost_answer)
             self._sleep(self._backoff(attempt, answer.headers.get("retry-after")))
         raise AssertionError("unreachable")
 
@@ -226,12 +236,14 @@ class BrokerClient:
                                                  unsafe=lost)))
 
     def release(self, family: str) -> dict[str, object] | None:
-        """The DELETE's answer; None if the broker has no live family of that id for this
-        certificate: it has ended already (an earlier try whose answer was lost, its
-        family_max_age, a reuse, an admin revoke), and releasing it is done."""
+        """The DELETE's answer; None if a retry found the family gone (an earlier try whose
+        answer was lost ended it). FamilyGone for a 404 otherwise: the family has ended, or
+        was started with another certificate (which this one cannot tell apart)."""
         answer = self.request("DELETE", f"/v1/families/{quote(family, safe='')}")
         if answer.status == 404 and "token family" in answer.error_message():
-            return None
+            if answer.after_lost_answer:
+                return None
+            raise FamilyGone(f"broker answered 404 {answer.error_message()}")
         return self._ok(answer)
 
     def admin(self, profile: str, action: str) -> dict[str, object]:

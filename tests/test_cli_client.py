@@ -140,9 +140,24 @@ async def test_release_retried_after_a_lost_answer_finds_the_family_gone(b: Runn
     assert run.code == 0, run
     assert run.out == "" and "Traceback" not in run.err
     (line,) = run.err.splitlines()
-    assert "had already ended" in line and str(family) in line and str(refresh_file) in line
+    assert "already gone" in line and str(family) in line and str(refresh_file) in line
     assert dropper.dropped == 1 and dropper.connections == 2, "released by the first try, 404 to the retry"
     assert not refresh_file.exists()
+
+
+async def test_release_after_a_refused_connection_still_reports_a_404(b: RunningBroker, tmp_path: Path) -> None:
+    """A retry's 404 means "released already" only if an earlier try may have reached the
+    broker; after a try that never got through the handshake, it is the broker's plain answer."""
+    refresh_file = tmp_path / "deploy.refresh"
+    await _start(b, refresh_file)
+    copy = tmp_path / "copy.refresh"
+    copy.write_text(refresh_file.read_text())
+    assert (await broker_cli("release", "--refresh-file", str(refresh_file), env=job_env(b))).code == 0
+    dropper = AnswerDropper(b.broker.api_port, refuse_first=True)
+    async with dropper.running() as port:
+        run = await broker_cli("release", "--refresh-file", str(copy), "--retries", "2", env=_via(b, port))
+    assert_one_line_error(run, 1, "404", "not_found", "moved the refresh file to", secrets=secrets_of(b))
+    assert dropper.connections == 2 and not copy.exists() and copy.with_name("copy.refresh.ended").exists()
 
 
 @pytest.mark.parametrize(("action", "runs"), [("revoke", 1), ("rotate", 2)])

@@ -253,11 +253,11 @@ async def test_a_refresh_file_that_cannot_be_written_after_the_post_releases_the
     assert not token_is_valid(b.vault, token)
 
 
-async def test_release_of_a_family_that_already_ended_says_so_and_frees_the_file(b: RunningBroker,
-                                                                                  tmp_path: Path) -> None:
-    """A family revoked as reused (or expired, or ended by an admin) has nothing left to release:
-    the release succeeds and removes the file, so the job's next broker get can use it again
-    (a failing release kept it, and broker get then refused the non-empty file: a loop)."""
+async def test_release_of_a_family_that_already_ended_sets_the_file_aside(b: RunningBroker, tmp_path: Path) -> None:
+    """A family revoked as reused (or expired, or ended by an admin) cannot be released: exit 1,
+    but the file moves aside so the job's next broker get can use the path (it used to stay, and
+    broker get refused the non-empty file: a loop). Moved, not deleted: when another certificate
+    started the family (a renewed one), the file is the only way to end it."""
     refresh_file = tmp_path / "deploy.refresh"
     assert (await broker_cli("get", "deploy", "--refresh-file", str(refresh_file), env=job_env(b))).code == 0
     kept = _kept(refresh_file, b)
@@ -267,10 +267,11 @@ async def test_release_of_a_family_that_already_ended_says_so_and_frees_the_file
     run = await broker_cli("refresh", "--refresh-file", str(stolen), env=job_env(b, cert="job-other"))
     assert_one_line_error(run, 1, "401", "refresh_token_reused")
     run = await broker_cli("release", "--refresh-file", str(refresh_file), env=job_env(b))
-    assert run.code == 0 and run.out == "", run
-    (line,) = run.err.splitlines()
-    assert line.startswith(f"broker release: family {kept['family']} had already ended") and "revoked" in line
-    assert not refresh_file.exists()
+    aside = tmp_path / "deploy.refresh.ended"
+    assert_one_line_error(run, 1, "404", f"no live token family {kept['family']!r}", f"moved the refresh file to {aside}",
+                          secrets=secrets_of(b))
+    assert not refresh_file.exists() and json.loads(aside.read_text())["family"] == kept["family"]
+    assert stat.S_IMODE(aside.stat().st_mode) == 0o600
     run = await broker_cli("get", "deploy", "--refresh-file", str(refresh_file), env=job_env(b))
     assert run.code == 0, run
     b.seen_secrets.add(run.out.strip())
