@@ -260,10 +260,6 @@ def _get(args: argparse.Namespace) -> int:
         _keep_or_release(client, args.refresh_file, body)
     else:
         body = client.get_token(args.profile, min_ttl)
-        if "refresh_token" in body:
-            print(f"broker get: {args.profile} is a per-job profile; started family {body.get('family')} "
-                  "without keeping its refresh token (use --refresh-file to refresh and release it)",
-                  file=sys.stderr)
     return _emit(body, args)
 
 

@@ -212,7 +212,7 @@ class BrokerClient:
         return self._rng.uniform(0, min(8.0, 0.5 * 2 ** (attempt - 1)))
 
     def get_token(self, profile: str, min_ttl: float | None = None) -> dict[str, object]:
-        """A shared profile's token; for a per-job profile, the first token of a new family."""
+        """A shared profile's token (a per-job profile is a usage error: see start_family)."""
         path = f"/v1/tokens/{quote(profile, safe='')}"
         if min_ttl:
             path += f"?min_ttl={math.ceil(min_ttl)}"  # rounding down would ask for less than wanted
@@ -222,7 +222,10 @@ class BrokerClient:
                 raise ClientError(f"--min-ttl does not apply to {profile}, a per-job profile: each token of a family "
                                   "lasts the profile's ttl; start the family with --refresh-file and run broker "
                                   "refresh before the token runs out", exit_code=2)
-            return self.start_family(profile)
+            # A family whose refresh token nobody keeps can be neither refreshed nor released: it
+            # would hold one of the certificate's max_families_per_client places for a day.
+            raise ClientError(f"{profile} is a per-job profile: keep its family's refresh token with --refresh-file "
+                              "FILE, and run broker release --refresh-file FILE when the job ends", exit_code=2)
         return _with_token(self._ok(answer))
 
     def start_family(self, profile: str) -> dict[str, object]:
