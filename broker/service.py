@@ -9,6 +9,7 @@ import random
 import resource
 import signal
 import socket
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -41,6 +42,7 @@ LOGOUT_TIMEOUT = 5.0  # on shutdown, at most this long revoking the broker's own
 # revoke_on_shutdown: Vault gets this long for every token. With the two above it stays within
 # the 30 s TimeoutStopSec of examples/systemd; what is left stays queued for the next start.
 SHUTDOWN_REVOKE_TIMEOUT = 10.0
+SHUTDOWN_QUEUE_WAIT = 1.0  # per profile, for a rotation in flight to let go of its slots
 FAMILY_VAULT_WORKERS = 4  # threads for per-job family calls to Vault, apart from the broker's own 4
 
 
@@ -210,22 +212,27 @@ class Broker:
         unreachable Vault can delay none of it past the next start; then Vault gets
         ``shutdown_revoke_timeout`` for all of it, so that the stop fits a service manager's
         stop timeout (systemd's TimeoutStopSec) rather than being cut by SIGKILL."""
-        due: list[PendingRevocation] = []
+        # Families first: queueing them waits on nothing, while a rotator may wait for a rotation
+        # that is waiting on Vault.
+        ended = await self.families.queue_all("shutdown") if self.families is not None else []
         for rotator in self.rotators.values():
-            due += await rotator.queue_everything("shutdown")
-        if self.families is not None:
-            due += await self.families.queue_all("shutdown")
-        if not due:
-            return
-        try:
-            async with asyncio.timeout(self.shutdown_revoke_timeout):
-                await self.revocations.revoke_queued(due, "shutdown")
-        except RevocationPending as exc:
-            log.error("shutdown_revoke_failed error=%s action=%s", exc, _LEFT_QUEUED)
-        except TimeoutError:
-            left = len({e.accessor for e in due} & {e.accessor for e in self.revocations.pending})
-            log.error("shutdown_revoke_failed error=%d of %d token(s) not confirmed revoked by Vault within %gs "
-                      "action=%s", left, len(due), self.shutdown_revoke_timeout, _LEFT_QUEUED)
+            await rotator.queue_everything("shutdown", wait=SHUTDOWN_QUEUE_WAIT)
+        # Everything pending, too: revocations from before (a release Vault did not confirm, a
+        # removed profile's token) and the grace windows of tokens no longer served.
+        due = await self.revocations.queue_all_now("shutdown")
+        if due:
+            try:
+                async with asyncio.timeout(self.shutdown_revoke_timeout):
+                    await self.revocations.revoke_queued(due, "shutdown")
+            except RevocationPending as exc:
+                log.error("shutdown_revoke_failed error=%s action=%s", exc, _LEFT_QUEUED)
+            except TimeoutError:
+                left = len({e.accessor for e in due} & {e.accessor for e in self.revocations.pending})
+                log.error("shutdown_revoke_failed error=%d of %d token(s) not confirmed revoked by Vault within %gs "
+                          "action=%s", left, len(due), self.shutdown_revoke_timeout, _LEFT_QUEUED)
+        if self.families is not None and ended:
+            unconfirmed = Counter(e.family for e in self.revocations.pending if e.family is not None)
+            self.families.record_ended(ended, "shutdown", unconfirmed)
 
     async def run(self, stop: asyncio.Event, on_started: Callable[[Broker], None] | None = None) -> None:
         # Bound first: a second broker started on the same config by mistake fails here, before

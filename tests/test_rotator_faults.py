@@ -155,7 +155,9 @@ async def test_revoke_on_shutdown_with_vault_stalled_queues_everything_and_stops
     assert handed_out <= set(queued) and all(queued[fp] <= now for fp in handed_out), "all of it, due now"
     assert store.load_families(lambda data, where: data) == []
     ended = [e for e in b.audit_events() if e["event"] == "family_revoked"]
-    assert [(e["family"], e["reason"]) for e in ended] == [(first["family"], "shutdown")]
+    # Audited once Vault had its chance: not "ok" while both of the family's tokens still live.
+    assert [(e["family"], e["reason"], e["outcome"], e["pending_revocations"]) for e in ended] == [
+        (first["family"], "shutdown", "failure", 2)]
     failed = [line for line in log_lines if "not confirmed revoked by Vault within 0.5s" in line]
     assert len(failed) == 1 and "shutdown_revoke_failed error=4 of 4 token(s)" in failed[0], failed
 
@@ -189,6 +191,58 @@ async def test_a_min_ttl_fetch_during_the_swap_gets_the_new_token_not_an_unkept_
     assert body["generation"] == 2 and body["ttl"] >= min_ttl
     retiring = next(e for e in b.broker.revocations.pending if e.generation == 1)
     assert retiring.revoke_at <= clock.now() + 300 + 1, "no promise on the old token to keep"
+
+
+async def test_revoke_on_shutdown_also_revokes_what_was_pending_from_before(brokers: BrokerFactory,
+                                                                           proxy: TcpProxy) -> None:
+    """A family released while Vault was unreachable left its token queued (the loop retries it
+    with backoff). A shutdown that promises to revoke every pending token includes it."""
+    clock = FakeClock()  # the queue's own retry never comes: only the shutdown can revoke it
+    per_job = {"mode": "per-job", "ttl": "1h", "grace": "10m", "rotate_after": "40m", "allow": ["cn:job"]}
+    b = await brokers.start({"demo": PROFILE["demo"], "jobs": per_job}, clock=clock,
+                            server_extra="revoke_on_shutdown = true", vault_address=proxy.address)
+    status, family, _ = await b.request("POST", "/v1/tokens/jobs")
+    assert status == 200, family
+    b.seen_secrets.add(family["refresh_token"])
+    proxy.cut()
+    status, body, _ = await b.request("DELETE", f"/v1/families/{family['family']}")
+    assert status == 200 and body["pending_revocations"] == 1, body
+    proxy.heal()
+    await b.shutdown()
+    assert not token_is_valid(b.vault, family["token"])
+    assert b.broker.store.load_revocations() == []
+
+
+async def test_revoke_on_shutdown_does_not_wait_out_a_rotation_stalled_on_vault(
+        brokers: BrokerFactory, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queueing the served tokens is a local write, but a rotation in flight holds the profile's
+    lock while its call waits on a stalled Vault (its whole timeout); the shutdown queues them
+    after at most a second without the lock, so the stop fits its deadline."""
+    clock = FakeClock()
+    b = await brokers.start(PROFILE, clock=clock, vault_address=proxy.address, vault_timeout="6s",
+                            server_extra="revoke_on_shutdown = true")
+    served = (await b.get_token())["token"]
+    loop = asyncio.get_running_loop()
+    queued_at: list[float] = []
+    queue_now = b.broker.revocations.queue_now
+
+    async def timed_queue_now(*args: Any, **kwargs: Any) -> Any:
+        queued_at.append(loop.time())
+        return await queue_now(*args, **kwargs)
+
+    monkeypatch.setattr(b.broker.revocations, "queue_now", timed_queue_now)
+    proxy.hold()
+    on_the_wire = proxy.request_seen("/v1/auth/token/create")
+    await clock.advance(b.broker.cache.get("demo").current.rotate_at - clock.now())  # a rotation mints
+    await asyncio.wait_for(on_the_wire.wait(), 10)
+    stopped_at = loop.time()
+    b.stop.set()  # SIGTERM
+    await b.wait_for(lambda: bool(queued_at), timeout=30, what="the shutdown's queueing")
+    assert queued_at[0] - stopped_at < 3, "not the 6 s Vault timeout of the stalled mint"
+    proxy.release()
+    await asyncio.wait_for(b.task, 30)
+    assert fingerprint(served) in {e.token_fp for e in b.broker.store.load_revocations()} or not token_is_valid(
+        b.vault, served)
 
 
 # --- 2. changes made outside the loop wake it -----------------------------------------------

@@ -571,16 +571,16 @@ class FamilyManager:
                     ended += 1
         return ended, unconfirmed
 
-    async def queue_all(self, reason: str) -> list[PendingRevocation]:
+    async def queue_all(self, reason: str) -> list[Family]:
         """Opt-in revocation on shutdown, step one: every family ends, each of its tokens queued,
         due now, with one write of each state file whatever the number of families. Returns the
-        queued entries; revoking them is the caller's step two, within its deadline."""
+        families ended; revoking their tokens is the caller's step two, within its deadline, and
+        ``record_ended`` then audits each with what Vault confirmed."""
         ending = list(self._families.values())
         now = self._clock.now()
-        due: list[PendingRevocation] = []
         for profile in sorted({f.profile for f in ending}):
             currents = [f.current.revocation(f.profile, f.id, now) for f in ending if f.profile == profile]
-            due += await self._revocations.queue_now(currents, reason=reason, profile=profile)
+            await self._revocations.queue_now(currents, reason=reason, profile=profile)
         self._families.clear()
         self._last_issued.clear()
         self._locks.clear()
@@ -589,12 +589,19 @@ class FamilyManager:
         except OSError as exc:
             log.error("family_state_unsaved families=%d error=%s action=their tokens are queued, but families.json "
                       "still lists them", len(ending), exc.strerror or exc)
-        for family in ending:
-            log.info("family_revoked profile=%s family=%s reason=%s", family.profile, family.id, reason)
+        return ending
+
+    def record_ended(self, ended: list[Family], reason: str, unconfirmed: Mapping[str, int]) -> None:
+        """Audit families ended by ``queue_all``; ``unconfirmed``: per family id, its tokens
+        Vault has not confirmed revoked (they stay queued for the next start)."""
+        for family in ended:
+            pending = unconfirmed.get(family.id, 0)
+            log.info("family_revoked profile=%s family=%s reason=%s pending_revocations=%d", family.profile,
+                     family.id, reason, pending)
+            incomplete = {"outcome": "failure", "pending_revocations": pending} if pending else {}
             self._record("family_revoked", profile=family.profile, identity=family.owner_identity,
                          generation=family.generation, token_fp=family.current.token_fp, reason=reason,
-                         family=family.id)
-        return due
+                         family=family.id, **incomplete)
 
     # --- expiry ----------------------------------------------------------------------------
 

@@ -205,6 +205,20 @@ class RevocationQueue:
         await self._change(change, durable=False)
         return due
 
+    async def queue_all_now(self, reason: str) -> list[PendingRevocation]:
+        """Shutdown: every pending revocation becomes due now (one not yet due takes ``reason``;
+        one due already keeps its own). Returns them all, for ``revoke_queued``."""
+        now = self._clock.now()
+        due: list[PendingRevocation] = []
+
+        def change(pending: list[PendingRevocation]) -> list[PendingRevocation]:
+            due.extend(e if e.revoke_at <= now else dataclasses.replace(e, revoke_at=now, reason=reason)
+                       for e in pending)
+            return list(due)
+
+        await self._change(change, durable=False)
+        return due
+
     async def revoke_queued(self, entries: Sequence[PendingRevocation], reason: str) -> None:
         """Incident response, step two: try every entry (one failure does not stop the rest).
         Raises RevocationPending if Vault did not confirm them all; those stay queued, due now."""

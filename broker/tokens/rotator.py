@@ -345,19 +345,32 @@ class Rotator:
             finally:
                 self.wake()  # with nothing to serve, the loop mints at once
 
-    async def queue_everything(self, reason: str) -> list[PendingRevocation]:
+    async def queue_everything(self, reason: str, wait: float) -> list[PendingRevocation]:
         """Step one of ``revoke_everything`` alone (a shutdown, which then revokes the queue of
         every profile within one deadline): no slot serves anything, and every token the profile
-        handed out is queued, due now. Returns those entries."""
-        async with self._mutating:
+        handed out is queued, due now. Returns those entries.
+
+        A rotation still running holds the lock while it waits on Vault (a stalled Vault: up to
+        its timeout per call); past ``wait`` the slots are queued without it. A token that
+        rotation still swaps in is named in profiles.json, which the next start retires."""
+        try:
+            async with asyncio.timeout(wait):
+                await self._mutating.acquire()
+        except TimeoutError:
+            log.warning("shutdown_queue_unlocked profile=%s reason=a rotation is still waiting on Vault", self.name)
             return await self._queue_served(reason)
+        try:
+            return await self._queue_served(reason)
+        finally:
+            self._mutating.release()
 
     async def _queue_served(self, reason: str) -> list[PendingRevocation]:
         state = self.state
         now = self._clock.now()
         served = [self._pending(t, now) for t in (state.current, state.previous) if t is not None]
         due = await self._revocations.queue_now(served, reason=reason, profile=self.name)
-        self._publish(dataclasses.replace(state, current=None, previous=None, grace_until=None))
+        # self.state, not the snapshot: a check that failed meanwhile published its count.
+        self._publish(dataclasses.replace(self.state, current=None, previous=None, grace_until=None))
         return due
 
     async def revoke_all(self) -> ProfileState:
