@@ -98,7 +98,9 @@ class OpenBaoDevServer:
         return ["-dev-tls", f"-dev-tls-cert-dir={ca.parent}"]
 
     def start(self, timeout: float = 20.0) -> None:
-        log = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL
+        # 0600 like the rest of DIR: a Vault server's log names its mounts, roles and clients.
+        log = os.fdopen(os.open(self._log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") \
+            if self._log_path else subprocess.DEVNULL
         env = {k: v for k, v in os.environ.items() if not k.startswith(("BAO_", "VAULT_"))}
         self._proc = subprocess.Popen(
             [bao_binary(), "server", "-dev", f"-dev-root-token-id={ROOT_TOKEN}",

@@ -597,6 +597,8 @@ async def test_readme_quick_start_with_broker_dev(tmp_path: Path) -> None:
             assert ran.code == 0, (ran, stderr_path.read_text())
         assert not refresh_file.exists()
 
+        assert _mode(directory / "openbao.log") == _mode(directory / "audit.jsonl") == 0o600
+
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), 25) == 0, stderr_path.read_text()
         assert _refuses(vault_address), "the OpenBao child outlived broker dev"
