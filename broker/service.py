@@ -219,20 +219,25 @@ class Broker:
             await rotator.queue_everything("shutdown", wait=SHUTDOWN_QUEUE_WAIT)
         # Everything pending, too: revocations from before (a release Vault did not confirm, a
         # removed profile's token) and the grace windows of tokens no longer served.
-        due = await self.revocations.queue_all_now("shutdown")
-        if due:
-            try:
-                async with asyncio.timeout(self.shutdown_revoke_timeout):
-                    await self.revocations.revoke_queued(due, "shutdown")
-            except RevocationPending as exc:
-                log.error("shutdown_revoke_failed error=%s action=%s", exc, _LEFT_QUEUED)
-            except TimeoutError:
-                left = len({e.accessor for e in due} & {e.accessor for e in self.revocations.pending})
-                log.error("shutdown_revoke_failed error=%d of %d token(s) not confirmed revoked by Vault within %gs "
-                          "action=%s", left, len(due), self.shutdown_revoke_timeout, _LEFT_QUEUED)
+        await self._revoke_within_deadline(await self.revocations.queue_all_now("shutdown"))
         if self.families is not None and ended:
             unconfirmed = Counter(e.family for e in self.revocations.pending if e.family is not None)
             self.families.record_ended(ended, "shutdown", unconfirmed)
+
+    async def _revoke_within_deadline(self, due: list[PendingRevocation]) -> None:
+        """Step two of the shutdown revocation: what Vault has not confirmed within
+        ``shutdown_revoke_timeout`` stays queued for the next start, and the log says how much."""
+        if not due:
+            return
+        try:
+            async with asyncio.timeout(self.shutdown_revoke_timeout):
+                await self.revocations.revoke_queued(due, "shutdown")
+        except RevocationPending as exc:
+            log.error("shutdown_revoke_failed error=%s action=%s", exc, _LEFT_QUEUED)
+        except TimeoutError:
+            left = len({e.accessor for e in due} & {e.accessor for e in self.revocations.pending})
+            log.error("shutdown_revoke_failed error=%d of %d token(s) not confirmed revoked by Vault within %gs "
+                      "action=%s", left, len(due), self.shutdown_revoke_timeout, _LEFT_QUEUED)
 
     async def run(self, stop: asyncio.Event, on_started: Callable[[Broker], None] | None = None) -> None:
         # Bound first: a second broker started on the same config by mistake fails here, before
