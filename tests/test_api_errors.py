@@ -75,12 +75,12 @@ async def test_profile_allowed_to_someone_else_is_403(b: RunningBroker) -> None:
 
 @pytest.mark.parametrize(("method", "path"), [("GET", "/v1/nope"), ("GET", "/"), ("GET", "/v1/tokens/demo/extra/segments"),
                                               ("GET", "/v2/tokens/demo"), ("DELETE", "/v1/families/x/"),
-                                              ("DELETE", "/v1/families")])
+                                              ("DELETE", "/v1/familie")])
 async def test_unknown_route_is_404_json_naming_every_route(b: RunningBroker, method: str, path: str) -> None:
     answer = await raw(b, method, path)
     assert_error(answer, 404, "not_found", "GET /v1/tokens/{profile}, GET /v1/tokens, GET /v1/whoami",
                  "POST /v1/tokens/{profile}, POST /v1/tokens/{profile}/rotate, POST /v1/tokens/{profile}/revoke",
-                 "POST /v1/refresh, DELETE /v1/families/{family}")
+                 "POST /v1/refresh, GET /v1/families, DELETE /v1/families/{family}")
     await assert_still_serving(b)
 
 
@@ -89,6 +89,7 @@ async def test_unknown_route_is_404_json_naming_every_route(b: RunningBroker, me
     ("PUT", "/v1/whoami", "GET"),
     ("POST", "/v1/whoami", "GET"),
     ("GET", "/v1/tokens/demo/rotate", "POST"),
+    ("DELETE", "/v1/families", "GET"),  # an id is needed to end one
 ])
 async def test_wrong_method_is_405_json(b: RunningBroker, method: str, path: str, allowed: str) -> None:
     answer = await raw(b, method, path)

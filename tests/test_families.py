@@ -754,6 +754,27 @@ async def test_a_family_being_recorded_counts_once_against_the_limit(brokers: Br
     assert_error(await raw(b, "POST", "/v1/tokens/deploy"), 409, "too_many_families")
 
 
+async def test_a_certificate_lists_its_own_live_families_and_nothing_else(brokers: BrokerFactory) -> None:
+    # The way back from 409 too_many_families when the ids were not kept: list, then release.
+    b = await brokers.start({"deploy": PER_JOB, "other": PER_JOB})
+    first, second = await _create(b), await _create(b, profile="other")
+    theirs = await _create(b, cert="job-other")
+    status, listed, headers = await b.request("GET", "/v1/families")
+    assert status == 200 and headers.get("Cache-Control") == "no-store"
+    assert [(f["family"], f["profile"], f["generation"]) for f in listed["families"]] == [
+        (first["family"], "deploy", 1), (second["family"], "other", 1)], "its own, oldest first"
+    assert set(listed["families"][0]) == {"family", "profile", "generation", "created_at", "refresh_expires_at"}
+    assert listed["families"][0]["refresh_expires_at"] == first["refresh_expires_at"]
+    status, body, _ = await b.request("GET", "/v1/families", cert="job-other")
+    assert [f["family"] for f in body["families"]] == [theirs["family"]]
+    status, body, _ = await b.request("GET", "/v1/families", cert="stranger")  # allowed for no profile
+    assert status == 200 and body == {"families": []}
+    status, _, _ = await b.request("DELETE", f"/v1/families/{first['family']}")
+    assert status == 200
+    status, listed, _ = await b.request("GET", "/v1/families")
+    assert [f["family"] for f in listed["families"]] == [second["family"]]
+
+
 async def test_the_family_limit_counts_families_kept_across_a_restart(brokers: BrokerFactory) -> None:
     profiles = {"deploy": {**PER_JOB, "max_families_per_client": 1}}
     b = await brokers.start(profiles)

@@ -122,7 +122,7 @@ class ApiError(Exception):
 _DEFAULT_MESSAGES = {
     404: ("no such endpoint; the API is GET /v1/tokens/{profile}, GET /v1/tokens, GET /v1/whoami, "
           "POST /v1/tokens/{profile}, POST /v1/tokens/{profile}/rotate, POST /v1/tokens/{profile}/revoke, "
-          "POST /v1/refresh, DELETE /v1/families/{family}"),
+          "POST /v1/refresh, GET /v1/families, DELETE /v1/families/{family}"),
     405: "method not allowed for this endpoint",
     413: "request body too large",
 }

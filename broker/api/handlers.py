@@ -415,6 +415,17 @@ async def release_family(request: web.Request) -> web.Response:
                               "pending_revocations": unconfirmed})
 
 
+async def list_families(request: web.Request) -> web.Response:
+    """The caller's own live families (ids and times, never a token): what a job, or a runner
+    whose certificate reached max_families_per_client, needs to release them."""
+    deps = request.app[DEPS]
+    caller = caller_of(request)
+    owned = _families(deps).owned_by(caller.fingerprint) if deps.families is not None else []
+    return web.json_response({"families": [
+        {"family": f.id, "profile": f.profile, "generation": f.generation, "created_at": rfc3339(f.created_at),
+         "refresh_expires_at": rfc3339(f.expires_at)} for f in owned]})
+
+
 def add_routes(app: web.Application) -> None:
     # No implicit HEAD: a HEAD fetch would mint (min_ttl) and audit token_served for a token
     # that is never delivered.
@@ -426,6 +437,7 @@ def add_routes(app: web.Application) -> None:
         ("POST", "/v1/tokens/{profile}/rotate", admin_rotate),
         ("POST", "/v1/tokens/{profile}/revoke", admin_revoke),
         ("POST", "/v1/refresh", refresh),
+        ("GET", "/v1/families", list_families),
         ("DELETE", "/v1/families/{family}", release_family),
     ]
     for method, path, handler in routes:

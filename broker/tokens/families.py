@@ -320,6 +320,11 @@ class FamilyManager:
 
     # --- the three operations --------------------------------------------------------------
 
+    def owned_by(self, owner_fp: str) -> list[Family]:
+        """The live families the certificate ``owner_fp`` started, oldest first."""
+        owned = [f for f in self._families.values() if hmac.compare_digest(f.owner_fp, owner_fp)]
+        return sorted(owned, key=lambda f: f.created_at)
+
     def live_count(self, profile: str, owner_fp: str) -> int:
         """Families of ``profile`` that the certificate ``owner_fp`` holds, started or starting."""
         started = sum(1 for f in self._families.values() if f.profile == profile and f.owner_fp == owner_fp)
@@ -336,7 +341,8 @@ class FamilyManager:
             raise FamilyLimitReached(
                 f"this client certificate already holds {limit} live token families of profile {profile.name} "
                 f"(max_families_per_client; jobs sharing a certificate share the limit); release finished ones "
-                "(DELETE /v1/families/{family}, broker release) or wait until one reaches family_max_age")
+                "(GET /v1/families lists them, DELETE /v1/families/{family} or broker release ends one) or wait "
+                "until one reaches family_max_age")
         self._starting[key] += 1
         held = True
 
