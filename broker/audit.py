@@ -24,7 +24,7 @@ log = logging.getLogger("broker.audit")
 
 EVENTS = frozenset({
     "token_served", "token_denied", "token_minted", "token_rotated", "token_revoked",
-    "rotation_failed", "rotation_rolled_back", "vault_login", "vault_login_failed",
+    "rotation_failed", "rotation_rolled_back", "vault_login", "vault_login_failed", "vault_logout",
     "admin_rotate", "admin_revoke", "family_created", "family_refreshed", "family_revoked",
     "reuse_detected", "token_invalidated", "secret_id_rotated", "check_failed",
 })

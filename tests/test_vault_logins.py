@@ -232,6 +232,8 @@ async def test_a_clean_shutdown_revokes_the_brokers_own_login(
     assert token_is_valid(private_openbao, served), "what it minted lives on (orphans; revoke_on_shutdown is off)"
     assert any("vault_logout method=approle" in line and "reason=shutdown" in line for line in log_lines[seen:])
     assert b.metric("broker_vault_authenticated") == 0
+    logouts = [(e["method"], e["reason"], e["outcome"]) for e in b.audit_events() if e["event"] == "vault_logout"]
+    assert logouts == [("approle", "shutdown", "ok")], "audited like the login it ends"
 
 
 async def test_a_clean_shutdown_keeps_an_operator_token(

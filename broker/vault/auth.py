@@ -341,8 +341,11 @@ class Authenticator:
         except VaultError as exc:
             log.warning("vault_logout_failed method=%s accessor_fp=%s reason=%s error=%s action=it expires at its "
                         "TTL", method, accessor_fp, reason, exc)
+            self._record("vault_logout", outcome="failure", reason=f"{reason}: {exc}", method=method)
             return
         log.info("vault_logout method=%s accessor_fp=%s reason=%s", method, accessor_fp, reason)
+        # Audited like the login it ends: a security team can tell when each credential stopped.
+        self._record("vault_logout", reason=reason, method=method)
 
     async def logout(self, timeout: float) -> None:
         """Clean shutdown: revoke the broker's own login (unless it is the operator's token) and
