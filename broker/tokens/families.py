@@ -48,7 +48,7 @@ from broker.metrics import Metrics
 from broker.tokens import policy
 from broker.tokens.model import Token
 from broker.tokens.revocations import RevocationPending, RevocationQueue
-from broker.tokens.store import PendingRevocation, StateStore, checked_fields, json_line
+from broker.tokens.store import EncodedLines, PendingRevocation, StateStore, checked_fields, json_line
 from broker.vault.auth import Authenticator
 from broker.vault.client import VaultClient
 
@@ -207,10 +207,7 @@ class FamilyManager:
         self._wake = asyncio.Event()
         self._unsaved = False  # the last write of families.json failed; the loop retries it
         self._state_error: str | None = None
-        # Each family's line of families.json, kept while the family is unchanged: the file is
-        # rewritten on every family operation, and encoding thousands of unchanged families
-        # each time stalled the event loop for tens of milliseconds (bench/families.py).
-        self._encoded: dict[str, tuple[Family, str]] = {}
+        self._encoded = EncodedLines[Family](lambda f: f.id, Family.encoded)
         self._failures = 0
         self._retry_at: float | None = None
 
@@ -252,14 +249,8 @@ class FamilyManager:
         self._state_error = None
 
     def _lines(self) -> list[str]:
-        """The families as lines of ``families.json``; only those changed since the last call
-        are encoded again (families are frozen: a changed one is a new object)."""
-        encoded = {}
-        for family in self._families.values():
-            known = self._encoded.get(family.id)
-            encoded[family.id] = known if known is not None and known[0] is family else (family, family.encoded())
-        self._encoded = encoded
-        return [line for _, line in encoded.values()]
+        """The families as lines of ``families.json``."""
+        return self._encoded(self._families.values())
 
     def _record(self, event: str, **fields: object) -> None:
         """Audit a family event; refusing here would leave Vault and our state out of step."""

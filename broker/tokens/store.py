@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from broker.errors import BrokerError
 from broker.files import make_private_dir, write_atomic
@@ -108,6 +108,30 @@ def json_list(lines: list[str]) -> bytes:
     return ("[\n" + ",\n".join(lines) + "\n]\n").encode()
 
 
+Entry = TypeVar("Entry")
+
+
+class EncodedLines(Generic[Entry]):
+    """Each entry's line of a state file, kept while the entry is the same (frozen) object: the
+    file is rewritten on every change, and encoding thousands of unchanged entries each time
+    stalled the event loop for tens of milliseconds (bench/families.py)."""
+
+    def __init__(self, key: Callable[[Entry], str], encode: Callable[[Entry], str]) -> None:
+        self._key = key
+        self._encode = encode
+        self._known: dict[str, tuple[Entry, str]] = {}
+
+    def __call__(self, entries: Iterable[Entry]) -> list[str]:
+        """The lines of ``entries``, in order; only entries new since the last call are encoded."""
+        known: dict[str, tuple[Entry, str]] = {}
+        for entry in entries:
+            key = self._key(entry)
+            seen = self._known.get(key)
+            known[key] = seen if seen is not None and seen[0] is entry else (entry, self._encode(entry))
+        self._known = known
+        return [line for _, line in known.values()]
+
+
 class StateStore:
     """Writes go to a worker thread (two fsyncs cost milliseconds, and the event loop serves
     fetches meanwhile), one at a time per file and in call order, so the newest snapshot always
@@ -122,9 +146,7 @@ class StateStore:
         self._families = directory / "families.json"
         self._issued: dict[str, IssuedRecord] | None = None
         self._locks: dict[Path, asyncio.Lock] = {}
-        # Each pending revocation's line of revocations.json while the (frozen) entry is the
-        # same object: the file is rewritten on every change of the queue (bench/families.py).
-        self._revocation_lines: dict[str, tuple[PendingRevocation, str]] = {}
+        self._revocation_lines = EncodedLines[PendingRevocation](lambda e: e.accessor, lambda e: json_line(asdict(e)))
 
     def prepare(self) -> None:
         make_private_dir(self.directory)
@@ -151,14 +173,8 @@ class StateStore:
         return [_record(PendingRevocation, item, self._revocations, f"entry {i + 1}") for i, item in enumerate(raw)]
 
     async def save_revocations(self, pending: list[PendingRevocation]) -> None:
-        lines: dict[str, tuple[PendingRevocation, str]] = {}
-        for entry in pending:
-            known = self._revocation_lines.get(entry.accessor)
-            if known is None or known[0] is not entry:
-                known = (entry, json_line(asdict(entry)))
-            lines[entry.accessor] = known
-        self._revocation_lines = lines
-        await self._write(self._revocations, lambda: json_list([line for _, line in lines.values()]))
+        lines = self._revocation_lines(pending)
+        await self._write(self._revocations, lambda: json_list(lines))
 
     def load_issued(self) -> dict[str, IssuedRecord]:
         if self._issued is None:
