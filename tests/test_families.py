@@ -435,16 +435,18 @@ async def test_a_generation_the_state_dir_cannot_record_is_revoked_not_served(br
 
 
 def _live_deploy_tokens(b: RunningBroker) -> list[str]:
-    """The family of every valid token the broker minted for the per-job profile, per Vault."""
+    """The family of every valid token this broker minted for its per-job profile, per Vault.
+    Told apart by the token role, which is this test's own: other tests' tokens in the shared
+    OpenBao expire at their own pace while this one runs."""
     root = hvac.Client(url=b.vault.address, token="root")
     families = []
     for accessor in root.auth.token.list_accessors()["data"]["keys"]:
         try:
-            meta = root.auth.token.lookup_accessor(accessor)["data"].get("meta") or {}
+            data = root.auth.token.lookup_accessor(accessor)["data"]
         except hvac.exceptions.InvalidRequest:
             continue  # revoked while we listed
-        if meta.get("profile") == "deploy" and "family" in meta:  # other tests' shared "deploy" have none
-            families.append(meta["family"])
+        if data.get("role") == b.roles["deploy"]:
+            families.append((data.get("meta") or {})["family"])
     return families
 
 
@@ -511,6 +513,7 @@ async def test_a_family_token_that_cannot_be_audited_is_not_served(brokers: Brok
     b = await brokers.start({"deploy": PER_JOB})
     first = await _create(b)
     live_before = _live_deploy_tokens(b)
+    assert live_before == [first["family"]]
     audit = b.broker.audit.path
     audit.rename(audit.with_name("audit.jsonl.1"))
     audit.symlink_to("/dev/full")  # every write fails with ENOSPC
