@@ -17,7 +17,7 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN python -m venv /opt/token-broker
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY broker ./broker
 # Byte-compiled here, so the read-only runtime never needs to write __pycache__.
 RUN /opt/token-broker/bin/pip install . \

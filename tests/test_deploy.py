@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import stat
+import tomllib
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -274,12 +275,23 @@ def test_dockerignore_keeps_secrets_out_and_the_build_inputs_in() -> None:
                    ".venv/bin/python", ".git/config", "state/revocations.json", "audit.jsonl", "a/b.pem",
                    "deploy/compose/broker.toml"):
         assert _ignored(secret, patterns), f"{secret} would be sent to the Docker daemon"
-    needed = ["pyproject.toml", "README.md"] + [str(p.relative_to(ROOT)) for p in (ROOT / "broker").rglob("*.py")]
+    copied = []
     for word, arguments in dockerfile_instructions():
         if word == "COPY" and "--from=" not in arguments:
             for source in shlex.split(arguments)[:-1]:
                 assert not _ignored(source.rstrip("/"), patterns), f"COPY {source} is excluded by .dockerignore"
+                copied.append(source.rstrip("/"))
+    needed = _build_inputs()
     assert not [p for p in needed if _ignored(p, patterns)]
+    # `pip install .` in the image fails on a readme or license file the build stage left out.
+    assert not [p for p in needed if not any(p == c or p.startswith(c + "/") for c in copied)]
+
+
+def _build_inputs() -> list[str]:
+    """What building the package reads: pyproject.toml, the files it names, broker/."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return (["pyproject.toml", project["readme"], *project["license-files"]]
+            + [str(p.relative_to(ROOT)) for p in (ROOT / "broker").rglob("*.py")])
 
 
 # --- compose.yaml ---------------------------------------------------------------------------
