@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -188,6 +189,65 @@ def issue_client(
     _write_key(key_path, key)
     _write_cert(cert_path, cert)
     return cert_path, key_path
+
+
+CRL_NAME = "ca.crl"
+
+
+def revoke_clients(dir: Path, names: Sequence[str] = (), days: int = 30,
+                   now: dt.datetime | None = None) -> tuple[Path, int]:
+    """Write ``dir/ca.crl``, signed by the CA in ``dir``, listing the client certificates
+    ``NAME.pem`` in ``dir`` and every certificate an earlier ``ca.crl`` there listed; valid
+    for ``days``. No names: the same list with new dates (a CRL must be renewed before its
+    nextUpdate, or a broker using it refuses every client). Returns (path, how many listed)."""
+    dir = Path(dir)
+    _check_days(days)
+    ca_cert, ca_key = load_ca(dir)
+    crl_path = dir / CRL_NAME
+    earlier = _earlier_crl(crl_path, ca_cert)
+    listed = {entry.serial_number: entry.revocation_date_utc for entry in earlier} if earlier is not None else {}
+    now = _utc(now) if now is not None else _now()
+    for name in names:
+        cert = load_cert(dir / f"{name}.pem")
+        try:
+            cert.verify_directly_issued_by(ca_cert)
+        except (ValueError, TypeError, InvalidSignature):
+            raise CertError(f"{dir / (name + '.pem')} was not issued by the CA in {dir / 'ca.pem'}") from None
+        listed.setdefault(cert.serial_number, now)
+    builder = (x509.CertificateRevocationListBuilder()
+               .issuer_name(ca_cert.subject)
+               .last_update(now - CLOCK_SKEW)
+               .next_update(now + dt.timedelta(days=days))
+               .add_extension(x509.CRLNumber(_next_crl_number(earlier, now)), critical=False))
+    for serial, when in sorted(listed.items()):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build())
+    crl = builder.sign(ca_key, hashes.SHA256())
+    _write_atomic(crl_path, crl.public_bytes(serialization.Encoding.PEM), CERT_MODE)
+    return crl_path, len(listed)
+
+
+def _next_crl_number(earlier: x509.CertificateRevocationList | None, now: dt.datetime) -> int:
+    """Increasing, as RFC 5280 asks, even for two CRLs written within one second."""
+    number = int(now.timestamp())
+    if earlier is not None:
+        try:
+            number = max(number, earlier.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1)
+        except x509.ExtensionNotFound:
+            pass
+    return number
+
+
+def _earlier_crl(path: Path, ca_cert: x509.Certificate) -> x509.CertificateRevocationList | None:
+    if not path.exists():
+        return None
+    try:
+        crl = x509.load_pem_x509_crl(_read(path))
+    except ValueError:
+        raise CertError(f"{path} is not a PEM CRL; move it away to start a new one") from None
+    if not crl.is_signature_valid(ca_cert.public_key()):  # type: ignore[arg-type]
+        raise CertError(f"{path} is not signed by the CA in this directory; move it away to start a new one")
+    return crl
 
 
 def load_ca(dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:

@@ -88,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument("--uri", action="append", default=[], help="SAN URI (repeatable)")
     client.add_argument("--days", type=int, default=365)
     client.add_argument("--force", action="store_true")
+    crl = certs.add_parser("crl", help="revoke client certificates: write ca.crl for [server] client_crl")
+    crl.add_argument("names", nargs="*", metavar="NAME",
+                     help="client certificates NAME.pem in --dir to revoke (earlier ones stay listed)")
+    crl.add_argument("--dir", type=Path, default=Path("certs"))
+    crl.add_argument("--days", type=int, default=30, help="until its nextUpdate (default 30): renew it before then")
 
     get = sub.add_parser("get", help="fetch a token (job side; env BROKER_URL/CERT/KEY/CA)")
     get.add_argument("profile", type=_profile_name)
@@ -197,6 +202,12 @@ def _certs(args: argparse.Namespace) -> int:
         written = certs.init_ca_and_server(args.dir, hosts, force=args.force)
         for path in written.values():
             print(path)
+        return EXIT_OK
+    if args.certs_command == "crl":
+        path, listed = certs.revoke_clients(args.dir, args.names, days=args.days)
+        print(path)
+        print(f"{listed} certificate(s) listed, valid for {args.days} day(s); reload the broker (SIGHUP) to apply it",
+              file=sys.stderr)
         return EXIT_OK
     cert, key = certs.issue_client(args.dir, args.name, uris=args.uri, days=args.days, force=args.force)
     print(cert)

@@ -308,6 +308,9 @@ def _tls_failed(url: str, exc: ssl.SSLError) -> str:
     if "UNKNOWN_CA" in reason:
         return (f"the broker at {url} refused this client certificate: it does not trust the CA that signed it "
                 f"({reason}); check BROKER_CERT, or ask the broker's operators which CA its client_ca is")
+    if "CERTIFICATE_REVOKED" in reason:
+        return (f"the broker at {url} refused this client certificate: it is revoked (the broker's client_crl "
+                f"lists it; {reason}); ask for a new certificate and point BROKER_CERT and BROKER_KEY at it")
     if _refused_certificate(exc):
         return (f"the broker at {url} refused this client certificate ({reason}); check BROKER_CERT and "
                 "BROKER_KEY, or ask for a new certificate")

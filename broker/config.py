@@ -51,6 +51,7 @@ class ServerConfig:
     key: Path
     client_ca: Path
     tls13_ciphersuites: tuple[str, ...] = DEFAULT_CIPHERSUITES
+    client_crl: Path | None = None  # PEM CRLs of client_ca's CAs; a listed client cert is refused
     max_body_bytes: int = 64 * 1024
     handshake_timeout: float = 10.0
     revoke_on_shutdown: bool = False  # default: running jobs keep their tokens across a restart
@@ -754,6 +755,7 @@ def _server(r: _Reader) -> ServerConfig:
     cert = r.file("cert")
     key = r.file("key", secret=True)
     client_ca = r.file("client_ca")
+    client_crl = r.optional_file("client_crl")
     suites_given = r.has("tls13_ciphersuites")
     suites = r.string_list("tls13_ciphersuites", DEFAULT_CIPHERSUITES)
     if "tls13_ciphersuites" not in r.failed and not suites:
@@ -787,6 +789,7 @@ def _server(r: _Reader) -> ServerConfig:
         cert=cert,
         key=key,
         client_ca=client_ca,
+        client_crl=client_crl,
         tls13_ciphersuites=suites,
         max_body_bytes=max_body_bytes,
         handshake_timeout=handshake_timeout,

@@ -28,10 +28,12 @@ KINDS = ("cn", "uri", "dns")
 
 @dataclass(frozen=True)
 class Caller:
-    """A verified client: its identities and the SHA-256 (hex) of its certificate."""
+    """A verified client: its identities, the SHA-256 (hex) of its certificate, and the
+    certificate's issuer (DER) and serial number, which a CRL names it by."""
 
     identities: tuple[str, ...]
     fingerprint: str
+    issuer_and_serial: tuple[bytes, int] = (b"", 0)
 
     @property
     def primary(self) -> str:
@@ -40,7 +42,9 @@ class Caller:
     @classmethod
     def from_der(cls, der: bytes) -> Caller:
         """The caller a verified certificate (DER) names; CertError if it cannot be parsed."""
-        return cls(identities_from_der(der), hashlib.sha256(der).hexdigest())
+        cert = _parse(der)
+        return cls(_identities(cert), hashlib.sha256(der).hexdigest(),
+                   (cert.issuer.public_bytes(), cert.serial_number))
 
 
 # getpeercert() spells SAN types like OpenSSL's X509V3_EXT_print; we keep URI and DNS only.
@@ -65,10 +69,17 @@ def identities_from_peercert(peercert: Mapping[str, Any] | None) -> tuple[str, .
 
 def identities_from_der(der: bytes) -> tuple[str, ...]:
     """Identities from a DER certificate; CertError if it cannot be parsed."""
+    return _identities(_parse(der))
+
+
+def _parse(der: bytes) -> x509.Certificate:
     try:
-        cert = x509.load_der_x509_certificate(der)
+        return x509.load_der_x509_certificate(der)
     except ValueError as exc:
         raise CertError(f"cannot parse client certificate: {exc}") from None
+
+
+def _identities(cert: x509.Certificate) -> tuple[str, ...]:
     found: list[str] = []
     for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
         value = attr.value

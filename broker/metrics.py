@@ -60,6 +60,11 @@ class Metrics:
             "broker_tls_handshakes", "TLS handshakes on the API listener (openssl engine) by outcome.",
             ["outcome"], registry=registry,
         )
+        self.client_crl_next_update = Gauge(
+            "broker_client_crl_next_update_timestamp_seconds",
+            "Unix time after which the loaded client_crl is stale and every client is refused (0: none).",
+            registry=registry,
+        )
         self.revocations_pending = Gauge(
             "broker_revocations_pending", "Token revocations scheduled but not yet done.", registry=registry,
         )

@@ -143,15 +143,24 @@ class Broker:
         except CertError as exc:
             log.error("tls_reload_failed error=%s action=keeping the previous certificate", exc)
             return
-        log.info("tls_reloaded cert=%s client_ca=%s", self.config.server.cert, self.config.server.client_ca)
+        self.record_client_crl()
+        crl = self.tls_context.crl
+        log.info("tls_reloaded cert=%s client_ca=%s client_crl=%s revoked_certificates=%s", self.config.server.cert,
+                 self.config.server.client_ca, crl.path if crl else "none", len(crl.revoked) if crl else 0)
+
+    def record_client_crl(self) -> None:
+        crl = self.tls_context.crl
+        self.metrics.client_crl_next_update.set((crl.next_update or 0) if crl is not None else 0)
 
     async def _start_listeners(self, api_sock: socket.socket, ops_sock: socket.socket) -> None:
         cfg = self.config
+        self.record_client_crl()
         api = web.AppRunner(make_app(ApiDeps(
             profiles=cfg.profiles, admin_allow=cfg.admin.allow, cache=self.cache, rotators=self.rotators,
             audit=self.audit, metrics=self.metrics, clock=self.clock, max_body_bytes=cfg.server.max_body_bytes,
             rate_limiter=RateLimiter(cfg.server.rate_limit, cfg.server.rate_limit_burst)
             if cfg.server.rate_limit > 0 else None, families=self.families,
+            revoked=self.tls_context.revokes if cfg.server.client_crl is not None else None,
         )), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
         ops = web.AppRunner(make_ops_app(OpsDeps(
             cache=self.cache, metrics=self.metrics, clock=self.clock,
@@ -160,6 +169,7 @@ class Broker:
             state_error=lambda: self.revocations.state_error,
             per_job_profiles=tuple(name for name, p in cfg.profiles.items() if p.mode == "per-job"),
             family_state_error=lambda: self.families.state_error if self.families is not None else None,
+            tls_error=lambda now: self.tls_context.crl.problem(now) if self.tls_context.crl is not None else None,
         )), access_log=None, handle_signals=False, shutdown_timeout=2.0)
         self.api_port = api_sock.getsockname()[1]
         self.ops_port = ops_sock.getsockname()[1]

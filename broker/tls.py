@@ -13,6 +13,8 @@ handshake enforces on the listener:
 - ``tls13_ciphersuites`` is accepted but not enforced: the stdlib cannot restrict TLS 1.3
   cipher suites (``set_ciphers`` only affects TLS ≤ 1.2). It takes effect when the engine
   moves to pyOpenSSL (``Context.set_tls13_ciphersuites``).
+- With ``client_crl``, a client certificate the CRL lists is refused (OpenSSL's leaf-only
+  CRL check); :class:`ClientCrl` keeps what was loaded, for connections opened before it.
 - A refused client sees the connection closed, not the TLS alert saying why: asyncio's SSL
   transport (stdlib and uvloop) drops the alert on a failed handshake (python/cpython#98078).
   The reason appears only in asyncio's debug log on the server.
@@ -24,7 +26,9 @@ one clear sentence rather than an OpenSSL error stack.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,15 +39,100 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from broker.config import ServerConfig, check_secret_file_mode
 from broker.errors import CertError
-from broker.identity import identities_from_der, identities_from_peercert
+from broker.identity import Caller, identities_from_der, identities_from_peercert
 
 
 class _Transport(Protocol):
     def get_extra_info(self, name: str, default: Any = None) -> Any: ...
 
 
-def server_context(cfg: ServerConfig) -> ssl.SSLContext:
-    """A TLS 1.3-only server context requiring a client cert signed by ``cfg.client_ca``."""
+@dataclass(frozen=True)
+class ClientCrl:
+    """The ``client_crl`` in force: the certificates it revokes and until when it may be used.
+    OpenSSL checks it in every handshake; :meth:`revokes` is for connections opened before it
+    was loaded (SIGHUP), which no handshake will check again."""
+
+    path: Path
+    crls: tuple[x509.CertificateRevocationList, ...]
+    revoked: frozenset[tuple[bytes, int]]  # (issuer name as DER, serial number)
+    next_update: float | None  # the earliest nextUpdate: after it OpenSSL refuses every client
+
+    def revokes(self, caller: Caller) -> bool:
+        return caller.issuer_and_serial in self.revoked
+
+    def problem(self, now: float) -> str | None:
+        """Why no client can connect, for /readyz; None while the CRL may be used."""
+        if self.next_update is None or now < self.next_update:
+            return None
+        return (f"client_crl {self.path} expired at {_iso(self.next_update)} (its nextUpdate): every client "
+                "certificate is refused until a newer CRL is in place and the broker reloaded (SIGHUP)")
+
+
+_PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
+
+
+def load_client_crl(path: Path, client_ca: Path) -> ClientCrl:
+    """The CRLs in ``path`` (PEM, one or more); CertError unless each is issued and signed by a
+    CA in ``client_ca`` and is current, so that a wrong or stale file fails the start or the
+    reload that loads it rather than every handshake after it."""
+    blocks = _PEM_CRL.findall(_read_bytes(path, "client_crl"))
+    if not blocks:
+        raise CertError(f"client_crl {path} does not contain a PEM CRL (-----BEGIN X509 CRL-----)")
+    cas = _read_certs(client_ca, "client_ca")
+    now = dt.datetime.now(dt.timezone.utc)
+    crls: list[x509.CertificateRevocationList] = []
+    revoked: set[tuple[bytes, int]] = set()
+    next_updates: list[float] = []
+    for block in blocks:
+        try:
+            crl = x509.load_pem_x509_crl(block)
+        except ValueError:
+            raise CertError(f"client_crl {path} holds a CRL that cannot be parsed") from None
+        _check_crl(crl, path, cas, client_ca, now)
+        issuer = crl.issuer.public_bytes()
+        revoked.update((issuer, entry.serial_number) for entry in crl)
+        if crl.next_update_utc is not None:
+            next_updates.append(crl.next_update_utc.timestamp())
+        crls.append(crl)
+    return ClientCrl(path, tuple(crls), frozenset(revoked), min(next_updates, default=None))
+
+
+def _check_crl(crl: x509.CertificateRevocationList, path: Path, cas: list[x509.Certificate], client_ca: Path,
+               now: dt.datetime) -> None:
+    issuer = crl.issuer.rfc4514_string()
+    signers = [ca for ca in cas if ca.subject == crl.issuer]
+    if not signers:
+        raise CertError(f"client_crl {path}: the CRL of {issuer!r} is not from a CA in client_ca {client_ca}")
+    if not any(_signed_by(crl, ca) for ca in signers):
+        raise CertError(f"client_crl {path}: the CRL of {issuer!r} is not signed by that CA's key in client_ca "
+                        f"{client_ca}")
+    if now < crl.last_update_utc:
+        raise CertError(f"client_crl {path}: the CRL of {issuer!r} is not valid until "
+                        f"{crl.last_update_utc.isoformat()} (its lastUpdate)")
+    if crl.next_update_utc is not None and now >= crl.next_update_utc:
+        raise CertError(f"client_crl {path}: the CRL of {issuer!r} expired at {crl.next_update_utc.isoformat()} "
+                        "(its nextUpdate); publish a newer one")
+
+
+def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    try:
+        return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    except (TypeError, ValueError, UnsupportedAlgorithm):  # a key type that cannot sign
+        return False
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat()
+
+
+def client_crl_of(cfg: ServerConfig) -> ClientCrl | None:
+    """``cfg.client_crl`` loaded and checked, or None when none is configured."""
+    return load_client_crl(cfg.client_crl, cfg.client_ca) if cfg.client_crl is not None else None
+
+
+def server_context(cfg: ServerConfig, crl: ClientCrl | None = None) -> ssl.SSLContext:
+    """A TLS 1.3-only server context requiring a client cert signed by ``cfg.client_ca`` (and,
+    with ``crl``, not revoked by it)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _strict(ctx)
     ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_3
@@ -57,6 +146,11 @@ def server_context(cfg: ServerConfig) -> ssl.SSLContext:
     _load_chain(ctx, Path(cfg.cert), Path(cfg.key), role="server", check_validity=True)
     require_private_key(Path(cfg.key))
     _load_trust(ctx, Path(cfg.client_ca), role="client_ca")
+    if crl is not None:
+        # The stdlib reads CRLs only from a file (cadata takes certificates); the file was
+        # just checked by load_client_crl.
+        _load_trust_file(ctx, crl.path, role="client_crl")
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     return ctx
 
 
@@ -93,8 +187,9 @@ class ReloadableServerContext:
 
     def __init__(self, cfg: ServerConfig) -> None:
         self._cfg = cfg
-        self._current = server_context(cfg)
-        self._outer = server_context(cfg)
+        self.crl = client_crl_of(cfg)
+        self._current = server_context(cfg, self.crl)
+        self._outer = server_context(cfg, self.crl)
         self._outer.sni_callback = self._select
 
     @property
@@ -109,7 +204,11 @@ class ReloadableServerContext:
 
     def reload(self) -> None:
         """Re-read the config's files; on CertError the old context stays in use."""
-        self._current = server_context(self._cfg)
+        crl = client_crl_of(self._cfg)
+        self._current, self.crl = server_context(self._cfg, crl), crl
+
+    def revokes(self, caller: Caller) -> bool:
+        return self.crl is not None and self.crl.revokes(caller)
 
     def _select(self, ssl_object: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
         # Returning None lets the handshake go on; it then uses the assigned context's cert
@@ -195,6 +294,10 @@ def _load_trust(ctx: ssl.SSLContext, path: Path, *, role: str) -> None:
                 f"{role} {path}: certificate {c.subject.rfc4514_string()!r} is not a CA "
                 "(use the ca.pem that signed the certificates, not a leaf cert)"
             )
+    _load_trust_file(ctx, path, role=role)
+
+
+def _load_trust_file(ctx: ssl.SSLContext, path: Path, *, role: str) -> None:
     try:
         ctx.load_verify_locations(cafile=path)
     except (OSError, ssl.SSLError) as exc:

@@ -35,7 +35,7 @@ from OpenSSL._util import lib as _lib
 from broker.config import ServerConfig
 from broker.errors import CertError
 from broker.identity import Caller
-from broker.tls import ReloadableServerContext, require_private_key, require_valid_now
+from broker.tls import ClientCrl, ReloadableServerContext, client_crl_of, require_private_key, require_valid_now
 
 log = logging.getLogger("broker.tls")
 
@@ -125,8 +125,9 @@ def _der(x509: Any) -> bytes | None:
 _MODE_NO_AUTO_CHAIN = 0x8
 
 
-def openssl_context(cfg: ServerConfig, certificates: KnownCertificates) -> SSL.Context:
-    """The server context for ``cfg``; CertError naming the file when something is wrong."""
+def openssl_context(cfg: ServerConfig, certificates: KnownCertificates, crl: ClientCrl | None = None) -> SSL.Context:
+    """The server context for ``cfg`` (refusing the client certificates ``crl`` revokes);
+    CertError naming the file when something is wrong."""
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
@@ -160,6 +161,11 @@ def openssl_context(cfg: ServerConfig, certificates: KnownCertificates) -> SSL.C
     if store is None:  # cannot happen after load_verify_locations; refuse rather than verify loosely
         raise CertError(f"cannot use client_ca {cfg.client_ca}: OpenSSL has no certificate store")
     store.set_flags(crypto.X509StoreFlags.X509_STRICT)
+    if crl is not None:
+        for each in crl.crls:
+            store.add_crl(each)
+        # The client's own certificate only: a CA above it is trusted as configured in client_ca.
+        store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
     certificates.require_client_certificates(ctx)
     return ctx
 
@@ -466,10 +472,15 @@ class ReloadableOpenSSLContext:
     def __init__(self, cfg: ServerConfig) -> None:
         self._cfg = cfg
         self.certificates = KnownCertificates()
-        self.current = openssl_context(cfg, self.certificates)
+        self.crl = client_crl_of(cfg)
+        self.current = openssl_context(cfg, self.certificates, self.crl)
 
     def reload(self) -> None:
-        self.current = openssl_context(self._cfg, self.certificates)  # raises CertError, keeping the old one
+        crl = client_crl_of(self._cfg)  # raises CertError, keeping the old context
+        self.current, self.crl = openssl_context(self._cfg, self.certificates, crl), crl
+
+    def revokes(self, caller: Caller) -> bool:
+        return self.crl is not None and self.crl.revokes(caller)
 
 
 def listener_context(cfg: ServerConfig) -> ReloadableOpenSSLContext | ReloadableServerContext:

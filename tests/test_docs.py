@@ -143,7 +143,7 @@ def test_readme_config_reference_mentions_every_accepted_key() -> None:
 
 # --- docs/*.md against the CLI ----------------------------------------------------------------
 
-SUBCOMMANDS = ("certs", "certs init", "certs client", "serve", "dev", "check", "get", "refresh", "release",
+SUBCOMMANDS = ("certs", "certs init", "certs client", "certs crl", "serve", "dev", "check", "get", "refresh", "release",
                "rotate", "revoke")
 
 

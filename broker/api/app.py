@@ -90,6 +90,9 @@ class ApiDeps:
     body_read_timeout: float = BODY_READ_TIMEOUT
     rate_limiter: RateLimiter | None = None
     families: FamilyManager | None = None
+    # Whether the client_crl now in force revokes a caller (None: no client_crl). The handshake
+    # checks new connections; this catches those opened before a reload brought the CRL in.
+    revoked: Callable[[Caller], bool] | None = None
     token_bodies: TokenBodies = field(default_factory=TokenBodies)
     grants: Grants = field(default_factory=Grants)
 

@@ -52,9 +52,25 @@ def within_rate(deps: ApiDeps, caller: Caller) -> None:
 
 def caller_of(request: web.Request) -> Caller:
     """Who is calling (from the verified client certificate), once they are within their rate."""
+    deps = request.app[DEPS]
     caller = verified_caller(request.transport)
-    within_rate(request.app[DEPS], caller)
+    if deps.revoked is not None and deps.revoked(caller):
+        _refuse_revoked(deps, caller)
+    within_rate(deps, caller)
     return caller
+
+
+REVOKED = ("this client certificate is revoked (the broker's client_crl lists it); ask for a new one. "
+           "The connection is closed")
+
+
+def _refuse_revoked(deps: ApiDeps, caller: Caller) -> None:
+    """A connection opened before the client_crl that lists its certificate was loaded: no
+    handshake will check it again, so every request on it is refused and it is closed."""
+    deps.metrics.count_request("_any", "revoked_certificate")
+    _audit(deps, "token_denied", identity=caller.primary, outcome="denied", reason="certificate revoked",
+           certificate_fp=caller.fingerprint[:16])
+    raise ApiError(403, REVOKED, close=True)
 
 
 FORBIDDEN = "this client certificate may not fetch that profile (unknown profiles look the same)"
@@ -183,7 +199,7 @@ def served_from_cache(deps: ApiDeps, caller: Caller, name: str,
     side effects (the rate limit, audit) come after every reason to return None, so a request
     handed on to get_token is not counted twice. Raises ApiError like get_token."""
     profile = deps.profiles.get(name)
-    if profile is None or profile.mode != "shared":
+    if profile is None or profile.mode != "shared" or (deps.revoked is not None and deps.revoked(caller)):
         return None
     identity = deps.grants.identity(caller, profile)
     token = deps.rotators[name].state.current

@@ -45,7 +45,8 @@ def per_job_report(vault_authenticated: bool, vault_error: str | None,
 
 def readiness(now: float, states: Iterable[ProfileState], audit_ok: bool, vault_authenticated: bool,
               vault_error: str | None, audit_required: bool = True, state_error: str | None = None,
-              per_job: Iterable[str] = (), family_state_error: str | None = None) -> Readiness:
+              per_job: Iterable[str] = (), family_state_error: str | None = None,
+              tls_error: str | None = None) -> Readiness:
     """``audit_required`` false ([audit] on_failure = "continue"): a failing audit log is
     reported but does not make the broker unready, since it keeps serving.
 
@@ -57,7 +58,10 @@ def readiness(now: float, states: Iterable[ProfileState], audit_ok: bool, vault_
     the profiles unhealthy after their alert_threshold.
 
     ``family_state_error`` (families.json cannot be written) makes per-job profiles unready:
-    no family can start or refresh then, every such request is refused."""
+    no family can start or refresh then, every such request is refused.
+
+    ``tls_error`` (the client_crl is past its nextUpdate: every handshake is refused) makes
+    the broker unready: no job can connect."""
     profiles = {s.name: profile_report(now, s) for s in states}
     profiles.update({name: per_job_report(vault_authenticated, vault_error, family_state_error)
                      for name in per_job})
@@ -65,6 +69,8 @@ def readiness(now: float, states: Iterable[ProfileState], audit_ok: bool, vault_
                 for name, r in profiles.items() if not r["ready"]]
     if not audit_ok and audit_required:
         problems.append("audit log cannot be written")
+    if tls_error is not None:
+        problems.append(tls_error)
     return Readiness(
         ready=not problems,
         details={
@@ -75,5 +81,6 @@ def readiness(now: float, states: Iterable[ProfileState], audit_ok: bool, vault_
             "state": {"ok": state_error is None and family_state_error is None,
                       "last_error": state_error or family_state_error},
             "vault": {"authenticated": vault_authenticated, "last_error": vault_error},
+            "tls": {"ok": tls_error is None, "last_error": tls_error},
         },
     )

@@ -26,6 +26,7 @@ class OpsDeps:
     state_error: Callable[[], str | None] = lambda: None
     per_job_profiles: tuple[str, ...] = ()
     family_state_error: Callable[[], str | None] = lambda: None
+    tls_error: Callable[[float], str | None] = lambda now: None
 
 
 OPS = web.AppKey("ops", OpsDeps)
@@ -38,9 +39,11 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     deps = request.app[OPS]
     authenticated, vault_error = deps.vault_status()
-    result = readiness(deps.clock.now(), deps.cache.all(), deps.audit_ok(), authenticated, vault_error,
+    now = deps.clock.now()
+    result = readiness(now, deps.cache.all(), deps.audit_ok(), authenticated, vault_error,
                        deps.audit_required, state_error=deps.state_error(),
-                       per_job=deps.per_job_profiles, family_state_error=deps.family_state_error())
+                       per_job=deps.per_job_profiles, family_state_error=deps.family_state_error(),
+                       tls_error=deps.tls_error(now))
     return web.json_response(result.details, status=200 if result.ready else 503)
 
 
