@@ -27,7 +27,7 @@ from broker.errors import CertError
 from broker.identity import Caller
 from broker.ops.health import readiness
 from broker.tls import ClientCrl, load_client_crl
-from tests.conftest import BrokerFactory, Pki, RunningBroker, assert_still_serving, write_config
+from tests.conftest import BrokerFactory, Pki, assert_still_serving, write_config
 from tests.test_cli import assert_one_line_error, broker_cli, job_env
 from tests.test_tls_engines import _fetch_with, _openssl_client
 
