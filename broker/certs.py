@@ -323,9 +323,14 @@ def _server_sans(hosts: Sequence[str]) -> list[x509.GeneralName]:
     return [_host_san(h) for h in hosts]
 
 
+MAX_DAYS = 36500  # a hundred years: any more overflows the dates a certificate can carry
+
+
 def _check_days(days: int) -> None:
     if days < 1:
         raise CertError(f"days must be at least 1, got {days}")
+    if days > MAX_DAYS:
+        raise CertError(f"days must be at most {MAX_DAYS}, got {days}")
 
 
 def _leaf_builder(

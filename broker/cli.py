@@ -263,6 +263,9 @@ def _get(args: argparse.Namespace) -> int:
     if args.output is not None:
         _check_writable(args.output, OUTPUT)
     if args.refresh_file is not None:
+        if min_ttl:
+            raise _Usage("--min-ttl is for shared profiles; --refresh-file starts a per-job family, whose tokens each "
+                         "last the profile's ttl (run broker refresh before one runs out)")
         _check_distinct(args.output, args.refresh_file)
         _check_new_refresh_file(args.refresh_file)
     client = _client(args.retries)

@@ -958,6 +958,7 @@ def _admin(r: _Reader) -> AdminConfig:
 
 PROFILE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 _PROFILE_MODES = ("shared", "per-job")
+_SHARED_ONLY = ("rotate_after", "check_interval", "alert_threshold")
 _PER_JOB_ONLY = ("reuse_interval", "family_max_age", "max_families_per_client")
 _BAD_ROLE_CHARS = re.compile(r"[/?#%\s]")
 
@@ -997,15 +998,25 @@ def _profile(name: str, r: _Reader) -> ProfileConfig:
     reuse_interval = r.duration("reuse_interval", "30s", maximum=60.0)
     family_max_age = r.duration("family_max_age", "24h", positive=True)
     max_families_per_client = r.integer("max_families_per_client", 100, minimum=1, maximum=MAX_FAMILIES_PER_CLIENT)
-    if mode == "shared":
+    if "mode" in r.failed:
+        rotate_after = ttl  # which keys belong is unknown; the mode's problem is reported
+    elif mode == "shared":
         for key in _PER_JOB_ONLY:
             if r.has(key):
                 r.report(key, 'only per-job profiles use this; remove it or set mode = "per-job"')
-    elif not r.failed & {"family_max_age", "reuse_interval"}:
-        problem = _family_max_age_problem(family_max_age, reuse_interval)
-        if problem is not None:
-            r.report("family_max_age", problem)
-    rotate_after = _rotate_after(r, ttl, grace, explicit_rotate_after)
+        rotate_after = _rotate_after(r, ttl, grace, explicit_rotate_after)
+    else:
+        for key in _SHARED_ONLY:
+            if r.has(key):
+                r.report(key, "only shared profiles use this: a per-job family's token is replaced when its job "
+                              "refreshes, not rotated or checked by the broker; remove it")
+        if not r.failed & {"family_max_age", "reuse_interval"}:
+            problem = _family_max_age_problem(family_max_age, reuse_interval)
+            if problem is not None:
+                r.report("family_max_age", problem)
+        # Never used: nothing rotates a per-job profile. A replaced token lives min(grace, what
+        # it has left), so no grace is too long for one.
+        rotate_after = ttl
     r.finish()
     return ProfileConfig(
         name=name,

@@ -71,9 +71,10 @@ class RefreshRejected(BrokerError):
     """A refresh token was refused. ``code`` is the API error code (refresh_token_invalid or
     refresh_token_reused); the message never contains the token."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, profile: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.profile = profile  # None while the token names no family the broker knows
 
 
 class FamilyLimitReached(BrokerError):

@@ -13,7 +13,7 @@ glob, so ``cn:*`` never matches a ``uri:`` identity. Note that ``*`` also matche
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
@@ -109,6 +109,15 @@ def matches(identities: Iterable[str], patterns: Iterable[str]) -> bool:
             if kind == p_kind and fnmatchcase(value, p_glob):
                 return True
     return False
+
+
+def matching_identity(identities: Sequence[str], patterns: Iterable[str]) -> str | None:
+    """The first of the caller's identities that a pattern allows, or None (denied)."""
+    patterns = tuple(patterns)
+    for identity in identities:
+        if matches((identity,), patterns):
+            return identity
+    return None
 
 
 def pattern_problem(pattern: str) -> str | None:

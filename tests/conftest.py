@@ -171,6 +171,16 @@ DEFAULT_PROFILE: dict[str, Any] = {
 }
 
 
+SHARED_ONLY = ("rotate_after", "check_interval", "alert_threshold")  # refused on a per-job profile
+
+
+def defaults_for(settings: dict[str, Any]) -> dict[str, Any]:
+    """DEFAULT_PROFILE, without what only a shared profile takes when ``settings`` is per-job."""
+    if settings.get("mode") != "per-job":
+        return DEFAULT_PROFILE
+    return {k: v for k, v in DEFAULT_PROFILE.items() if k not in SHARED_ONLY}
+
+
 def _toml_value(value: Any) -> str:
     return json.dumps(value)  # JSON strings, numbers and arrays of them are valid TOML
 
@@ -417,7 +427,8 @@ class BrokerFactory:
             auth = [{"method": "approle", "role_id_file": str(files.role_id_file),
                      "secret_id_file": str(files.secret_id_file)}]
         full = {
-            name: {**DEFAULT_PROFILE, "token_role": roles[name], "policies": [f"{roles[name]}-policy"], **settings}
+            name: {**defaults_for(settings), "token_role": roles[name], "policies": [f"{roles[name]}-policy"],
+                   **settings}
             for name, settings in profiles.items()
         }
         config = load_config(write_config(directory, self.pki, vault_address or vault.address, auth, full, extra,

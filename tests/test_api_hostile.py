@@ -199,6 +199,23 @@ async def test_an_unknown_expect_to_the_ops_listener_is_json_and_quotes_nothing(
     await assert_still_serving(b)
 
 
+@pytest.mark.parametrize("head, status, code, needles", [
+    (b"GET /no-such-route?FAKESECRET", 404, "not_found", ["no such endpoint", "GET /healthz, GET /readyz, GET /metrics"]),
+    (b"GET /FAKESECRET", 404, "not_found", ["no such endpoint"]),
+    (b"POST /metrics", 405, "method_not_allowed", ["method POST not allowed here; use GET"]),
+    (b"DELETE /readyz", 405, "method_not_allowed", ["method DELETE not allowed here; use GET"]),
+])
+async def test_unknown_routes_and_methods_on_the_ops_listener_are_json(
+        b: RunningBroker, head: bytes, status: int, code: str, needles: list[str]) -> None:
+    data = await asyncio.to_thread(_raw_ops, b, head + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert_raw_error(b, data, status, code, *needles)
+    assert "FAKESECRET" not in data.decode("latin-1")
+    if status == 405:
+        assert b"\r\nAllow: GET" in data
+    assert (await b.ops("/healthz"))[0] == 200
+    await assert_still_serving(b)
+
+
 # --- 8. HTTP versions other than 1.0 and 1.1 -----------------------------------------------
 
 @pytest.mark.parametrize("request_bytes", [

@@ -6,6 +6,7 @@ import datetime as dt
 import ipaddress
 import os
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker.certs import fingerprint_sha256, init_ca_and_server, issue_client, issue_server
 from broker.errors import CertError
+from tests.processes import run_process
 
 
 def load(path: Path) -> x509.Certificate:
@@ -279,3 +281,14 @@ def test_fingerprint() -> None:
     assert fingerprint_sha256(b"") == (
         "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
     )
+
+
+@pytest.mark.parametrize("days, message", [(0, "days must be at least 1, got 0"),
+                                           (99999999, "days must be at most 36500, got 99999999")])
+async def test_broker_certs_client_days_out_of_range_is_one_line_exit_2(tmp_path: Path, days: int,
+                                                                        message: str) -> None:
+    init_ca_and_server(tmp_path)
+    ran = await run_process([sys.executable, "-m", "broker", "certs", "client", "job", "--dir", str(tmp_path),
+                             "--days", str(days)], env=dict(os.environ))
+    assert ran.code == 2 and ran.out == "" and ran.err.strip() == f"broker certs: {message}", ran
+    assert not (tmp_path / "job.pem").exists()

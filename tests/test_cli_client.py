@@ -22,7 +22,7 @@ from tests.test_cli import assert_one_line_error, broker_cli, job_env, secrets_o
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-PER_JOB = {"mode": "per-job", "ttl": "60s", "grace": "2s", "rotate_after": "40s", "allow": ["cn:job"]}
+PER_JOB = {"mode": "per-job", "ttl": "60s", "grace": "2s", "allow": ["cn:job"]}
 
 b = module_broker("cli-client", {"demo": {}, "deploy": PER_JOB})
 

@@ -15,7 +15,7 @@ from tests.test_cli import assert_one_line_error, broker_cli, job_env, secrets_o
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-PER_JOB = {"mode": "per-job", "ttl": "60s", "grace": "2s", "rotate_after": "40s", "allow": ["cn:job"]}
+PER_JOB = {"mode": "per-job", "ttl": "60s", "grace": "2s", "allow": ["cn:job"]}
 
 
 b = module_broker("cli-families", {"deploy": PER_JOB, "capped": {**PER_JOB, "max_families_per_client": 1}})
@@ -160,6 +160,15 @@ async def test_min_ttl_on_a_per_job_profile_is_a_usage_error(b: RunningBroker) -
     run = await broker_cli("get", "deploy", "--min-ttl", "10h", env=job_env(b))
     assert_one_line_error(run, 2, "--min-ttl does not apply to deploy, a per-job profile", "broker refresh")
     assert _created(b) == before, "no family started"
+
+
+async def test_min_ttl_with_a_refresh_file_is_a_usage_error_before_anything_starts(b: RunningBroker,
+                                                                                     tmp_path: Path) -> None:
+    before = _created(b)
+    refresh_file = tmp_path / "deploy.refresh"
+    run = await broker_cli("get", "deploy", "--min-ttl", "10s", "--refresh-file", str(refresh_file), env=job_env(b))
+    assert_one_line_error(run, 2, "--min-ttl is for shared profiles", "--refresh-file starts a per-job family")
+    assert _created(b) == before and not refresh_file.exists(), "no family started"
 
 
 async def test_refresh_with_an_output_it_cannot_write_spends_nothing(b: RunningBroker, tmp_path: Path) -> None:

@@ -320,6 +320,7 @@ async def test_broker_certs_crl_keeps_earlier_entries_and_renews_the_dates(own_p
 @pytest.mark.parametrize("args, needles", [
     (["nosuch"], ["nosuch.pem", "No such file"]),
     (["job", "--days", "0"], ["days must be at least 1"]),
+    (["job", "--days", "99999999"], ["days must be at most 36500"]),
 ])
 async def test_broker_certs_crl_errors(own_pki: Pki, args: list[str], needles: list[str]) -> None:
     ran = await broker_cli("certs", "crl", *args, "--dir", str(own_pki.dir))

@@ -782,11 +782,6 @@ def test_grace_does_not_fit_after_jitter(tmp_path: Path) -> None:
     )
 
 
-def test_grace_rule_on_per_job_profile(tmp_path: Path) -> None:
-    text = _mutated('grace = "1m"', 'grace = "1m"\nrotate_after = "9m"')
-    assert _only_problem(tmp_path, text).startswith("profiles.jobs.grace: 1m does not fit: ")
-
-
 def test_grace_with_no_room_for_default_rotation(tmp_path: Path) -> None:
     assert _only_problem(tmp_path, _mutated('grace = "15m"', 'grace = "59m30s"')) == (
         "profiles.deploy.grace: 59m30s does not fit in ttl 1h: ttl minus grace leaves 30s, and "
@@ -819,6 +814,24 @@ def test_per_job_keys_on_shared_profile(tmp_path: Path) -> None:
         f"profiles.deploy.family_max_age: {message}",
         f"profiles.deploy.max_families_per_client: {message}",
     ]
+
+
+def test_shared_keys_on_a_per_job_profile(tmp_path: Path) -> None:
+    text = _mutated('reuse_interval = "20s"', 'reuse_interval = "20s"\nrotate_after = "5m"\n'
+                    'check_interval = "30s"\nalert_threshold = 3')
+    message = ("only shared profiles use this: a per-job family's token is replaced when its job refreshes, "
+               "not rotated or checked by the broker; remove it")
+    assert _problems(tmp_path, text) == [
+        f"profiles.jobs.rotate_after: {message}",
+        f"profiles.jobs.check_interval: {message}",
+        f"profiles.jobs.alert_threshold: {message}",
+    ]
+
+
+def test_a_per_job_grace_is_not_checked_against_a_rotation(tmp_path: Path) -> None:
+    """Nothing rotates a per-job profile: a replaced token lives min(grace, what it has left)."""
+    text = _mutated('grace = "1m"', 'grace = "9m30s"')
+    assert load_config(_setup(tmp_path, text)).profiles["jobs"].grace == 570
 
 
 @pytest.mark.parametrize(("value", "expected"), [

@@ -46,7 +46,7 @@ RUN_TIMEOUT = 60.0
 CONTRACT_ENV = ("BROKER_URL", "BROKER_CERT", "BROKER_KEY", "BROKER_CA")
 # Long enough for the examples' --min-ttl 10m / ?min_ttl=600.
 SHARED = {"ttl": "1h", "grace": "15m", "rotate_after": "40m"}
-PER_JOB = {"mode": "per-job", "ttl": "60s", "grace": "2s", "rotate_after": "40s"}
+PER_JOB = {"mode": "per-job", "ttl": "60s", "grace": "2s"}
 
 
 # --- running shell ------------------------------------------------------------------------

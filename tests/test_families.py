@@ -23,11 +23,11 @@ from tests.conftest import BrokerFactory, RunningBroker, assert_error, assert_st
 from tests.fakes import FakeClock
 from tests.faults import TcpProxy
 
-PER_JOB = {"mode": "per-job", "ttl": "60s", "grace": "3s", "rotate_after": "40s", "reuse_interval": "2s",
+PER_JOB = {"mode": "per-job", "ttl": "60s", "grace": "3s", "reuse_interval": "2s",
            "allow": ["cn:job", "cn:job-other"]}
 # For a fake clock: nothing falls due unless the test moves time, and a grace long enough to
 # tell "revoked now" from "revoked when the grace ends".
-SLOW = {**PER_JOB, "ttl": "1h", "grace": "10m", "rotate_after": "40m"}
+SLOW = {**PER_JOB, "ttl": "1h", "grace": "10m"}
 FAMILY_KEYS = {"profile", "token", "expires_at", "refresh_token", "refresh_expires_at", "family", "generation"}
 INVALID = "unknown refresh token, or its family has ended"
 REUSED = "this refresh token was used before, or presented from another client certificate, so the whole token family has been revoked"
@@ -111,9 +111,38 @@ async def test_retry_within_the_interval_returns_the_same_pair(brokers: BrokerFa
     status, second = await _refresh(b, first["refresh_token"])
     status, again = await _refresh(b, first["refresh_token"])  # the answer was "lost": the job retries
     assert status == 200 and again == second, "the already-issued pair, no new mint"
-    assert len(_events(b, "family_refreshed")) == 1
+    refreshed = _events(b, "family_refreshed")
+    assert [e.get("reason") for e in refreshed] == [None, "retried: the pair already issued for this refresh token"]
+    assert refreshed[0]["token_fp"] == refreshed[1]["token_fp"] and refreshed[1]["generation"] == 2
+    assert refreshed[1]["identity"] == "cn:job"
     status, third = await _refresh(b, second["refresh_token"])
     assert status == 200 and third["generation"] == 3
+
+
+async def test_family_events_name_the_identity_the_allow_list_admits(brokers: BrokerFactory) -> None:
+    """job's first identity is cn:job; only its uri: is allowed, and both events say so."""
+    b = await brokers.start({"deploy": {**PER_JOB, "allow": ["uri:spiffe://ci.example/runner/*"]}})
+    first = await _create(b)
+    status, second = await _refresh(b, first["refresh_token"])
+    status, again = await _refresh(b, first["refresh_token"])  # a retry: audited too
+    assert status == 200 and again == second
+    identities = [(e["event"], e["identity"]) for e in b.audit_events() if e["event"].startswith("family_")]
+    assert identities == [("family_created", "uri:spiffe://ci.example/runner/1")] + [
+        ("family_refreshed", "uri:spiffe://ci.example/runner/1")] * 2
+
+
+async def test_every_refused_refresh_token_is_counted(brokers: BrokerFactory) -> None:
+    b = await brokers.start({"deploy": PER_JOB})
+    first = await _create(b)
+    garbage = [("fam_unknown.secret", "_any"),  # no family the broker knows
+               ("é" * 10, "_any"),  # not ASCII: refused before any lookup
+               ("x" * 300, "_any"),  # longer than any refresh token
+               (first["family"] + ".forged", "deploy")]  # a live family's id, a secret never issued
+    for token, profile in garbage:
+        before = b.metric("broker_token_requests_total", profile=profile, outcome="refresh_invalid") or 0
+        await _refused(b, token, "refresh_token_invalid", "unknown refresh token")
+        assert b.metric("broker_token_requests_total", profile=profile, outcome="refresh_invalid") == before + 1, token
+    await _assert_still_serving(b)
 
 
 async def _assert_family_revoked(b: RunningBroker, bodies: list[dict[str, Any]]) -> None:
@@ -256,7 +285,9 @@ async def test_concurrent_refreshes_with_one_token_mint_once(brokers: BrokerFact
     assert {status for status, _ in results} == {200}
     assert {body["generation"] for _, body in results} == {2}
     assert len({body["refresh_token"] for _, body in results}) == 1
-    assert len(_events(b, "family_refreshed")) == 1
+    refreshed = _events(b, "family_refreshed")
+    assert [e.get("reason") is None for e in refreshed].count(True) == 1, "one mint; the others are retries"
+    assert len(refreshed) == 5 and len({e["token_fp"] for e in refreshed}) == 1
 
 
 async def test_family_requests_while_logged_out_do_not_each_start_a_login(brokers: BrokerFactory,

@@ -131,7 +131,7 @@ async def test_revoke_on_shutdown_while_vault_is_down_leaves_the_tokens_queued_f
 async def test_revoke_on_shutdown_with_vault_stalled_queues_everything_and_stops_at_its_deadline(
         brokers: BrokerFactory, proxy: TcpProxy, log_lines: list[str]) -> None:
     shared = {"ttl": "1h", "grace": "10m", "rotate_after": "40m"}
-    per_job = {**shared, "mode": "per-job", "allow": ["cn:job"]}
+    per_job = {"ttl": "1h", "grace": "10m", "mode": "per-job", "allow": ["cn:job"]}
     b = await brokers.start({"demo": shared, "other": shared, "jobs": per_job},
                             server_extra="revoke_on_shutdown = true", vault_address=proxy.address)
     served = [(await b.get_token(name))["token"] for name in ("demo", "other")]
@@ -198,7 +198,7 @@ async def test_revoke_on_shutdown_also_revokes_what_was_pending_from_before(brok
     """A family released while Vault was unreachable left its token queued (the loop retries it
     with backoff). A shutdown that promises to revoke every pending token includes it."""
     clock = FakeClock()  # the queue's own retry never comes: only the shutdown can revoke it
-    per_job = {"mode": "per-job", "ttl": "1h", "grace": "10m", "rotate_after": "40m", "allow": ["cn:job"]}
+    per_job = {"mode": "per-job", "ttl": "1h", "grace": "10m", "allow": ["cn:job"]}
     b = await brokers.start({"demo": PROFILE["demo"], "jobs": per_job}, clock=clock,
                             server_extra="revoke_on_shutdown = true", vault_address=proxy.address)
     status, family, _ = await b.request("POST", "/v1/tokens/jobs")
@@ -502,7 +502,7 @@ async def test_a_corrupt_state_file_stops_the_start_with_one_clear_line(tmp_path
                                                                         content: str, problem: str) -> None:
     mode = "per-job" if name == "families.json" else "shared"  # families.json is read only with a per-job profile
     serve = serve_config(tmp_path, pki, openbao, f"corrupt-{os.urandom(3).hex()}",
-                         {"ttl": "30s", "grace": "5s", "rotate_after": "20s", "mode": mode})
+                         {"ttl": "30s", "grace": "5s", "mode": mode, **({"rotate_after": "20s"} if mode == "shared" else {})})
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
     (state / name).write_text(content)

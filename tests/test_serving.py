@@ -9,6 +9,7 @@ from datetime import datetime
 
 import pytest
 
+from broker.api.handlers import prefers_plain
 from tests.conftest import BrokerFactory, RunningBroker, root_client, token_is_valid
 
 
@@ -32,6 +33,40 @@ async def test_plain_text_accept_gives_the_bare_token(brokers: BrokerFactory) ->
     assert headers["Content-Type"].startswith("text/plain")
     assert headers["Cache-Control"] == "no-store"
     assert text == b.broker.cache.get("demo").current.value
+
+
+ACCEPT_CASES = [
+    ("text/plain", True),
+    ("TEXT/Plain", True),  # media types are case-insensitive
+    ("text/plain, */*;q=0.1", True),
+    ("text/plain;q=0.5, application/json;q=0.4", True),
+    ("application/json, text/plain, */*", False),  # axios' default: a tie keeps JSON
+    ("text/plain, */*", False),
+    ("text/plain;q=0", False),
+    ("application/json;q=1, text/plain;q=0", False),
+    ("text/plainx", False),
+    ("text/plain;q=abc", False),
+    ("text/plain;q=2", False),
+    ("*/*", False),
+]
+
+
+@pytest.mark.parametrize("accept, plain", ACCEPT_CASES)
+def test_text_plain_is_chosen_only_when_it_outweighs_json(accept: str, plain: bool) -> None:
+    assert prefers_plain(accept) is plain
+
+
+async def test_accept_negotiation_is_the_same_on_the_hot_route_and_the_full_handler(brokers: BrokerFactory) -> None:
+    b = await brokers.start()
+    token = b.broker.cache.get("demo").current.value
+    for accept, plain in ACCEPT_CASES:
+        for query in ("", "?min_ttl=1"):  # a query takes the full handler
+            status, body, headers = await b.request("GET", "/v1/tokens/demo" + query, headers={"Accept": accept})
+            assert status == 200
+            if plain:
+                assert headers["Content-Type"].startswith("text/plain") and body == token, accept
+            else:
+                assert headers["Content-Type"].startswith("application/json") and body["token"] == token, accept
 
 
 async def test_rotates_before_expiry_and_keeps_previous_valid_through_grace(brokers: BrokerFactory) -> None:

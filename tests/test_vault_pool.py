@@ -17,7 +17,7 @@ from broker.vault.client import VaultClient, VaultClientConfig
 from tests.conftest import BrokerFactory, LogLines, root_client
 from tests.faults import TcpProxy
 
-PER_JOB = {"mode": "per-job", "ttl": "60s", "grace": "3s", "rotate_after": "40s", "allow": ["cn:job"]}
+PER_JOB = {"mode": "per-job", "ttl": "60s", "grace": "3s", "allow": ["cn:job"]}
 BURST = 16  # family starts at once: 32 Vault calls of about a second each
 
 

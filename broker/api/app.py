@@ -7,6 +7,7 @@ always gets something a person can act on.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_urldispatcher import MatchInfoError
 
 from broker.api.authz import matching_identity
 from broker.api.ratelimit import RateLimiter
@@ -140,6 +142,23 @@ def _route_label(request: web.Request) -> str:
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+# The query parameters each route takes; every other route takes none. A typo (?minttl=600)
+# must not quietly get a token that lasts less than the caller asked for.
+QUERY_PARAMETERS = {("GET", "/v1/tokens/{profile}"): ("min_ttl",)}
+
+
+def _unknown_query(request: web.Request) -> ApiError | None:
+    if isinstance(request.match_info, MatchInfoError):
+        return None  # the router's 404 or 405 says more
+    route = _route_label(request)
+    taken = QUERY_PARAMETERS.get((request.method, route), ())
+    unknown = [name for name in request.query if name not in taken]
+    if not unknown:
+        return None
+    shown = repr(unknown[0][:40]) + ("…" if len(unknown[0]) > 40 else "")
+    takes = f"takes only {', '.join(taken)}" if taken else "takes no query parameters"
+    return ApiError(400, f"unknown query parameter {shown}; {request.method} {route} {takes}")
+
 def _client_gone(request: web.Request) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()
@@ -156,6 +175,21 @@ async def _answer_and_close(request: web.Request, response: web.Response) -> web
     return response
 
 
+async def read_body(request: web.Request) -> bytes:
+    """The whole request body, within the listener's bounds: ``max_body_bytes`` also for a
+    chunked body (no Content-Length to refuse it by), and how long it may take to arrive.
+    Either way the connection, whose body is left half read, is closed after the answer."""
+    deps = request.app[DEPS]
+    try:
+        async with asyncio.timeout(deps.body_read_timeout):
+            return await request.read()
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {deps.body_read_timeout:g}s",
+                       close=True) from None
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, f"request body is over the limit of {deps.max_body_bytes} bytes", close=True) from None
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     deps = request.app[DEPS]
@@ -166,6 +200,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         length = request.content_length
         if length is not None and length > deps.max_body_bytes:
             return error_response(413, f"request body of {length} bytes is over the limit of {deps.max_body_bytes}")
+        if request.query_string and (unknown := _unknown_query(request)) is not None:
+            raise unknown
+        if request.body_exists:
+            # Read (and bounded) before any handler acts: a route that takes no body, such as
+            # starting a family, would otherwise mint first and leave the body to aiohttp.
+            await read_body(request)
         return await handler(request)
     except ApiError as exc:
         response = error_response(exc.status, exc.message, exc.code, exc.headers)

@@ -4,16 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from broker.identity import matches
+from broker.identity import matching_identity
 
-
-def matching_identity(identities: Sequence[str], patterns: Iterable[str]) -> str | None:
-    """The first of the caller's identities that a pattern allows, or None (denied)."""
-    patterns = tuple(patterns)
-    for identity in identities:
-        if matches((identity,), patterns):
-            return identity
-    return None
+__all__ = ["matching_identity", "may_fetch", "is_admin"]
 
 
 def may_fetch(identities: Sequence[str], allow: Iterable[str]) -> bool:

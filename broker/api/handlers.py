@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 from collections.abc import Mapping
 
 from aiohttp import web
 
-from broker.api.app import DEPS, ApiDeps, ApiError
+from broker.api.app import DEPS, ApiDeps, ApiError, read_body
 from broker.api.authz import is_admin
 from broker.audit import rfc3339
 from broker.config import ProfileConfig
@@ -176,7 +177,40 @@ async def get_token(request: web.Request) -> web.Response:
 
 
 def _wants_plain(headers: Mapping[str, str]) -> bool:
-    return "text/plain" in headers.get("Accept", "")
+    accept = headers.get("Accept")
+    if accept is None:
+        return False
+    return _remembered_preference(accept) if len(accept) <= 256 else prefers_plain(accept)
+
+
+def prefers_plain(accept: str) -> bool:
+    """Whether ``accept`` ranks ``text/plain`` above JSON: the bare token only when it is asked
+    for with a higher weight than ``application/json`` gets (explicitly or by a wildcard);
+    a tie keeps the JSON default (``application/json, text/plain, */*``, axios' default)."""
+    weights: dict[str, float] = {}
+    for item in accept.split(","):
+        media, *params = (part.strip() for part in item.split(";"))
+        weights.setdefault(media.lower(), _weight(params))
+    plain = weights.get("text/plain", 0.0)
+    as_json = max(weights.get(media, 0.0) for media in ("application/json", "application/*", "*/*"))
+    return plain > as_json
+
+
+# A fleet's clients send a handful of distinct Accept headers, every fetch the same one.
+_remembered_preference = functools.lru_cache(maxsize=64)(prefers_plain)
+
+
+def _weight(params: list[str]) -> float:
+    """The q parameter (RFC 9110 §12.4.2): 0 to 1; 1 when absent, 0 when malformed."""
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "q":
+            try:
+                q = float(value.strip())
+            except ValueError:
+                return 0.0
+            return q if 0.0 <= q <= 1.0 else 0.0
+    return 1.0
 
 
 def served(deps: ApiDeps, profile: ProfileConfig, identity: str, token: Token, now: float,
@@ -373,17 +407,6 @@ async def create_family(request: web.Request) -> web.Response:
     return web.json_response(_issued_body(issued))
 
 
-async def read_body(request: web.Request) -> bytes:
-    """The whole request body, within the listener's bound on how long that may take; 408
-    (closing the connection, whose body is left half read) past it."""
-    timeout = request.app[DEPS].body_read_timeout
-    try:
-        async with asyncio.timeout(timeout):
-            return await request.read()
-    except TimeoutError:
-        raise ApiError(408, f"the request body did not arrive within {timeout:g}s", close=True) from None
-
-
 async def _refresh_token_from(request: web.Request) -> str:
     if request.content_type != "application/json":
         raise ApiError(415, 'send the refresh token as JSON: Content-Type: application/json, {"refresh_token": "..."}')
@@ -398,6 +421,7 @@ async def _refresh_token_from(request: web.Request) -> str:
     if not isinstance(token, str) or not token:
         raise ApiError(400, 'the body must be a JSON object with a string "refresh_token"')
     if len(token) > MAX_REFRESH_TOKEN_LENGTH or not token.isascii():  # ours are URL-safe base64
+        request.app[DEPS].metrics.count_request("_any", "refresh_invalid")
         raise ApiError(401, "unknown refresh token, or its family has ended", code="refresh_token_invalid")
     return token
 
@@ -409,6 +433,8 @@ async def refresh(request: web.Request) -> web.Response:
     try:
         issued = await _families(deps).refresh(refresh_token, caller)
     except RefreshRejected as exc:
+        if exc.code == "refresh_token_invalid":  # reuse is counted where it is detected, with its revocations
+            deps.metrics.count_request(exc.profile or "_any", "refresh_invalid")
         raise ApiError(401, str(exc), code=exc.code) from None
     except VaultError as exc:  # the family's profile is not known here: the caller's guess is no label
         raise _family_unavailable(deps, "_any", exc) from None

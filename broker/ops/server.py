@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from broker.jsonerrors import serve_json_errors, unsupported_version
+from broker.jsonerrors import error_response, serve_json_errors, unsupported_version
 from broker.clock import Clock
 from broker.metrics import Metrics
 from broker.ops.health import readiness
@@ -53,15 +53,33 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def _no_store(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Cache-Control"] = "no-store"
+
+
+OPS_ROUTES = "GET /healthz, GET /readyz, GET /metrics"
+
+
 @web.middleware
 async def _http_1x_only(request: web.Request,
                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    return unsupported_version(request) or await handler(request)
+    """HTTP/1.x only, and the router's 404 and 405 in the JSON shape the rest of both listeners use."""
+    refused = unsupported_version(request)
+    if refused is not None:
+        return refused
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        return error_response(404, f"no such endpoint; the ops listener serves {OPS_ROUTES}")
+    except web.HTTPMethodNotAllowed as exc:
+        return error_response(405, f"method {request.method} not allowed here; use GET",
+                              headers={"Allow": exc.headers.get("Allow", "GET")})
 
 
 def make_ops_app(deps: OpsDeps) -> web.Application:
     app = web.Application(middlewares=[_http_1x_only])
     app[OPS] = deps
+    app.on_response_prepare.append(_no_store)  # health and metrics are of this moment
     # A misdirected client may send a Vault token in a header here: malformed requests get the
     # API listener's JSON error, which never quotes the request, and no traceback in the log.
     serve_json_errors(app)

@@ -43,7 +43,7 @@ from broker.errors import (
     VaultUnavailable,
     describe_bug,
 )
-from broker.identity import Caller, matches
+from broker.identity import Caller, matching_identity
 from broker.metrics import Metrics
 from broker.tokens import policy
 from broker.tokens.model import Token
@@ -273,7 +273,8 @@ class FamilyManager:
         caller's: a family created at ``now`` with family_max_age 1s has exactly 1s left."""
         ttl = min(profile.ttl, family_expires_at - now)
         if ttl < MIN_TOKEN_TTL:
-            raise RefreshRejected("refresh_token_invalid", "the token family has reached its maximum age")
+            raise RefreshRejected("refresh_token_invalid", "the token family has reached its maximum age",
+                                  profile.name)
         meta = {"profile": profile.name, "family": family, "generation": str(generation),
                 "identity": identity[:256], "issued_by": "token-broker"}
         minted = await self._auth.call(lambda: self._vault.create_token(profile.token_role, profile.policies, ttl, meta))
@@ -402,38 +403,46 @@ class FamilyManager:
             now = self._clock.now()
             if now >= family.expires_at:
                 await self._end(family, "expired")
-                raise RefreshRejected("refresh_token_invalid", "the token family has reached its maximum age")
+                raise RefreshRejected("refresh_token_invalid", "the token family has reached its maximum age",
+                                      family.profile)
             profile = self._profiles.get(family.profile)
             if profile is None:
                 await self._end(family, "profile_removed")
                 raise RefreshRejected("refresh_token_invalid",
                                       f"the family's profile {family.profile} is no longer a per-job profile of this "
-                                      "broker; the family has ended")
+                                      "broker; the family has ended", family.profile)
             verdict = judge(family, refresh_hash(refresh_token), caller.fingerprint, now, profile.reuse_interval)
             if verdict is Verdict.INVALID:
                 # A live family's id with a secret it never issued: someone who saw the id (it is
                 # in logs and the audit) is guessing. Nothing is revoked, but security hears of it.
-                self._metrics.count_request(profile.name, "refresh_invalid")
                 self._record("token_denied", profile=family.profile, identity=caller.primary, outcome="denied",
                              reason="refresh token not issued for this family", family=family.id,
                              certificate_fp=caller.fingerprint[:16])
-                raise RefreshRejected("refresh_token_invalid", "unknown refresh token, or its family has ended")
+                raise RefreshRejected("refresh_token_invalid", "unknown refresh token, or its family has ended",
+                                      family.profile)
             if verdict is Verdict.REUSE:
                 await self._reuse_detected(family, caller)
                 raise RefreshRejected("refresh_token_reused", REUSED.format(profile=profile.name))
-            if not matches(caller.identities, profile.allow):
+            identity = matching_identity(caller.identities, profile.allow)
+            if identity is None:
                 # The allow-list was narrowed (and the broker restarted): this family can never
                 # move on, so its tokens go now rather than at the end of their TTL.
                 await self._end(family, "not_allowed")
                 raise RefreshRejected("refresh_token_invalid", "this client certificate is no longer allowed for "
-                                                               "the family's profile; the family has ended")
+                                                               "the family's profile; the family has ended",
+                                      family.profile)
             last = self._last_issued.get(family_id)
             if verdict is Verdict.RETRY and last is not None and last.family.generation == family.generation:
+                # A retried request: the same pair again, no new mint; audited like any handout
+                # (AuditUnavailable refuses it, as it would a new pair).
+                self._audit.event("family_refreshed", profile=profile.name, family=family.id, identity=identity,
+                                  generation=last.family.generation, token_fp=last.token.fp,
+                                  reason="retried: the pair already issued for this refresh token")
                 self._metrics.count_request(profile.name, "refresh_retried")
-                return last  # a retried request: the same pair again, no new mint
-            return await self._rotate(family, profile, caller, retry=verdict is Verdict.RETRY)
+                return last
+            return await self._rotate(family, profile, identity, retry=verdict is Verdict.RETRY)
 
-    async def _rotate(self, family: Family, profile: ProfileConfig, caller: Caller, retry: bool = False) -> Issued:
+    async def _rotate(self, family: Family, profile: ProfileConfig, identity: str, retry: bool = False) -> Issued:
         """The next generation. ``retry``: the previous refresh token came back within
         ``reuse_interval`` but the pair it got is no longer in memory (a restart): the new pair
         takes the place of that lost one, so the previous refresh token stays the one a further
@@ -445,7 +454,7 @@ class FamilyManager:
         now = self._clock.now()
         old = family.current
         await self._audit_or_revoke(token, "family_refreshed", profile=profile.name, family=family.id,
-                                    identity=caller.primary, generation=generation, token_fp=token.fp,
+                                    identity=identity, generation=generation, token_fp=token.fp,
                                     previous_fp=old.token_fp)
         retiring = old.revocation(profile.name, family.id, min(now + profile.grace, old.expires_at))
         try:
