@@ -143,7 +143,26 @@ def _serve(args: argparse.Namespace) -> int:
     broker = build(load_config(args.config))
     install_uvloop()
     asyncio.run(serve_until_signalled(broker))
+    _exit_past_stuck_vault_calls()
     return EXIT_OK
+
+
+def _exit_past_stuck_vault_calls() -> None:
+    """Everything the broker keeps is written and closed by now; a Vault call that cannot be
+    interrupted must not hold the process past its stop timeout."""
+    import logging
+
+    from broker.service import stuck_vault_calls
+
+    stuck = stuck_vault_calls()
+    if not stuck:
+        return
+    logging.getLogger("broker.service").warning(
+        "shutdown_left_vault_calls threads=%d reason=a Vault call still running cannot be interrupted; exiting "
+        "without waiting for it", len(stuck))
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(EXIT_OK)
 
 
 def _dev(args: argparse.Namespace) -> int:

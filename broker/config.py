@@ -41,6 +41,9 @@ MAX_FAMILIES_PER_CLIENT = 100_000
 # Vault takes a TTL in whole seconds and reads 0 as "the role's default", so no token is minted
 # with less than this left; a per-job family must last at least this long.
 MIN_TOKEN_TTL = 1.0
+# A Vault call that takes longer is not coming back: waiting holds a worker thread, a rotation,
+# a job's request.
+MAX_VAULT_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True)
@@ -870,7 +873,7 @@ def _vault(r: _Reader) -> VaultConfig:
         if problem is not None:
             r.report("address", problem)
     ca_cert = r.optional_file("ca_cert")  # "" means the system trust store
-    timeout = r.duration("timeout", "5s", positive=True)
+    timeout = r.duration("timeout", "5s", positive=True, maximum=MAX_VAULT_TIMEOUT)
     auth = tuple(_auth(entry) for entry in r.table_array("auth"))
     r.finish()
     return VaultConfig(address=address, auth=auth, ca_cert=ca_cert, timeout=timeout,

@@ -335,6 +335,31 @@ def build(config: Config, clock: Clock | None = None, registry: CollectorRegistr
                   tls_context=listener_context(config.server))
 
 
+VAULT_THREAD_PREFIX = "vault"  # VaultClient's worker threads: "vault_0", "vault-families_1", ...
+
+
+def stuck_vault_calls(wait: float = 1.0) -> list[str]:
+    """After the event loop has stopped: the names of Vault worker threads still inside a call
+    ``wait`` seconds later (requests bounds each socket read, not a whole answer, so a Vault
+    that trickles bytes keeps one busy indefinitely). Python would wait for them at exit, past
+    systemd's TimeoutStopSec; the caller exits without them. Any other thread still running
+    (a state-file write) is waited for as usual: then this returns []."""
+    import threading
+    import time
+
+    deadline = time.monotonic() + wait
+    stuck = []
+    for thread in threading.enumerate():
+        if thread is threading.current_thread() or thread.daemon:
+            continue
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            stuck.append(thread.name)
+    if any(not name.startswith(VAULT_THREAD_PREFIX) for name in stuck):
+        return []
+    return stuck
+
+
 SWITCH_INTERVAL = 0.0005  # seconds; CPython's default is 5 ms
 
 

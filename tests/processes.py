@@ -203,7 +203,7 @@ class ServeProcess:
 
 def serve_config(tmp_path: Path, pki: Pki, openbao: OpenBaoDevServer, name: str, profile: dict[str, Any],
                  vault_address: str | None = None, cert_dir: Path | None = None,
-                 server_extra: str = "") -> ServeProcess:
+                 server_extra: str = "", vault_timeout: str = "2s") -> ServeProcess:
     """A config for `broker serve` (listening on port 0), with its own token role and AppRole."""
     role = f"{name}-role"
     setup_token_role(openbao, role, [f"{name}-policy"])
@@ -212,7 +212,7 @@ def serve_config(tmp_path: Path, pki: Pki, openbao: OpenBaoDevServer, name: str,
     config = write_config(tmp_path, pki, vault_address or openbao.address,
                           [{"method": "approle", "role_id_file": str(files.role_id_file),
                             "secret_id_file": str(files.secret_id_file)}], {"demo": settings},
-                          server_extra=server_extra)
+                          server_extra=server_extra, vault_timeout=vault_timeout)
     text = config.read_text()  # both listeners on port 0: the child reports what it bound
     if cert_dir is not None:
         text = text.replace(f'cert = "{pki.dir}/server.pem"', f'cert = "{cert_dir}/server.pem"')

@@ -1161,3 +1161,9 @@ def test_the_two_listeners_on_one_address_are_refused(tmp_path: Path) -> None:
     text = _mutated('[ops]\nlisten = "127.0.0.1:9090"', '[ops]\nlisten = "127.0.0.1:8443"')
     assert _only_problem(tmp_path, text) == (
         "ops.listen: 127.0.0.1:8443 is server.listen too; give each listener its own port")
+
+
+def test_a_vault_timeout_over_five_minutes_is_refused(tmp_path: Path) -> None:
+    """A call that long is not coming back; waiting for it holds a worker thread and a rotation."""
+    text = _mutated('timeout = "5s"', 'timeout = "10m"')
+    assert _problems(tmp_path, text) == ["vault.timeout: 10m is more than the maximum 5m"]

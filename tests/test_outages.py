@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import datetime
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from broker.devserver import OpenBaoDevServer, setup_approle, setup_token_role
-from tests.conftest import BrokerFactory, RunningBroker, token_is_valid
+from tests.conftest import BrokerFactory, RunningBroker, root_client, token_is_valid
 from tests.faults import TcpProxy
 
 FAST = {"ttl": "30s", "rotate_after": "3s", "grace": "2s", "check_interval": "1s", "alert_threshold": 2}
@@ -168,3 +169,68 @@ async def test_connection_cut_mid_request_fails_the_rotation_then_recovers(
     proxy.heal()
     await b.wait_for(lambda: b.generation() >= 2, timeout=5, what="the retried rotation")
     await _assert_recovers(b, within=5)
+
+
+# --- found by the reliability review ---------------------------------------------------------
+
+CREATE = "/v1/auth/token/create"
+
+
+async def test_a_slow_mint_never_makes_a_token_look_longer_lived_than_vault_holds_it(
+        brokers: BrokerFactory, private_openbao: OpenBaoDevServer, proxy: TcpProxy) -> None:
+    """Vault's TTL runs from when it minted; counted from the (late) answer, the broker served
+    tokens as valid for as long as the answer took after Vault had expired them."""
+    b = await brokers.start({"demo": {"ttl": "60s", "grace": "3s", "rotate_after": "40s"}},
+                            vault=private_openbao, vault_address=proxy.address, vault_timeout="15s")
+    proxy.delay = 1.0  # every chunk, both ways: the create answer comes ≥ 1 s after it was minted
+    status, body, _ = await b.request("POST", "/v1/tokens/demo/rotate", cert="ops")
+    proxy.delay = 0.0
+    assert status == 200, body
+    token = b.broker.cache.get("demo").current
+    info = root_client(b.vault).auth.token.lookup(token.value)["data"]
+    at_vault = datetime.fromisoformat(info["expire_time"].replace("Z", "+00:00")).timestamp()
+    assert token.expires_at <= at_vault + 0.5, (token.expires_at, at_vault)
+
+
+async def test_a_min_ttl_fetch_does_not_call_vault_during_an_outage_the_checks_found(
+        brokers: BrokerFactory, private_openbao: OpenBaoDevServer, proxy: TcpProxy) -> None:
+    b = await brokers.start({"demo": {"ttl": "30s", "grace": "3s", "rotate_after": "20s", "check_interval": "1s"}},
+                            vault=private_openbao, vault_address=proxy.address, vault_timeout="3s")
+    proxy.cut()
+    await b.wait_for(lambda: _state(b).consecutive_failures >= 1, timeout=10, what="a failed check")
+    minted = proxy.request_seen(CREATE)
+    started = time.monotonic()
+    status, body, headers = await b.request("GET", "/v1/tokens/demo?min_ttl=29")
+    assert status == 503 and "Retry-After" in headers, body
+    assert time.monotonic() - started < 1.0, "answered at once, not after a Vault timeout"
+    assert not minted.is_set(), "no mint was tried"
+    proxy.heal()
+    assert (await b.get_token())["profile"] == "demo", "the current token is still served"
+
+
+async def test_a_token_role_that_is_not_orphan_is_refused_with_the_fix(
+        brokers: BrokerFactory, openbao: OpenBaoDevServer) -> None:
+    """Its tokens would be children of the broker's login, revoked under the jobs at every
+    re-login and clean stop: never served, revoked at once, and the reason says what to set."""
+    role = f"not-orphan-{time.time_ns() % 10**9}"
+    openbao.bao("policy", "write", f"{role}-policy", "-", stdin='path "secret/data/x/*" { capabilities = ["read"] }\n')
+    openbao.bao("write", f"auth/token/roles/{role}", f"allowed_policies={role}-policy", "orphan=false",
+                "renewable=false", "token_explicit_max_ttl=1h")
+    b = await brokers.start({"demo": {}, "jobs": {"mode": "per-job", "ttl": "30s", "grace": "3s",
+                                                  "allow": ["cn:job"]}},
+                            roles={"demo": role, "jobs": role}, wait_ready=False)
+    await b.wait_for(lambda: any(e["event"] == "rotation_rolled_back" for e in b.audit_events()),
+                     what="the first mint rolled back")
+    fix = f"set orphan=true on it (bao write auth/token/roles/{role} orphan=true)"
+    rolled_back = [e for e in b.audit_events() if e["event"] == "rotation_rolled_back"]
+    assert fix in rolled_back[0]["reason"] and rolled_back[0]["reason"].startswith("verify: ")
+    status, body, _ = await b.request("GET", "/v1/tokens/demo")
+    assert status == 503 and fix in body["message"], body
+    status, body, _ = await b.request("POST", "/v1/tokens/jobs")
+    assert status == 503 and fix in body["message"], body
+    await b.wait_for(lambda: len([e for e in b.audit_events() if e["event"] == "token_revoked"
+                                  and e["reason"] == "rolled_back" and e["outcome"] == "ok"]) >= 2,
+                     what="both minted tokens revoked")
+    await b.wait_for(lambda: _state(b).unhealthy, what="the profile reported unhealthy")
+    status, ready = await b.ops("/readyz")
+    assert status == 503 and any(fix in reason for reason in ready["profiles"]["demo"]["reasons"]), ready

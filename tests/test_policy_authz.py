@@ -282,3 +282,18 @@ def test_pure_modules_import_no_io_frameworks() -> None:
             "print(sorted(m for m in ('aiohttp', 'hvac', 'prometheus_client') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_backoff_never_sleeps_past_the_last_chance_to_replace_a_token_still_served() -> None:
+    """Serving stops SERVE_MARGIN before expiry: a retry due at expiry came after the 503s."""
+    token = _backoff_token(expires_at=100.0)
+    last_chance = 100.0 - policy.SERVE_MARGIN - policy.LAST_CHANCE_LEAD
+    assert policy.backoff_delay(10, 1.0, 50.0, token) == last_chance - 50.0
+    assert policy.backoff_delay(10, 1.0, last_chance - 0.01, token) == pytest.approx(policy.MIN_RETRY_DELAY)
+    # Past the last chance, still served: the old bound (never past expiry) applies.
+    assert policy.backoff_delay(10, 1.0, 98.0, token) == 2.0
+    assert policy.backoff_delay(1, 0.1, 50.0, token) == pytest.approx(0.1)  # a short backoff is left alone
+
+
+def _backoff_token(expires_at: float) -> Token:
+    return Token(value="v", accessor="a", generation=1, issued_at=0.0, expires_at=expires_at, rotate_at=60.0)

@@ -140,3 +140,30 @@ def test_serve_raises_a_low_open_files_limit_to_the_hard_one() -> None:
                          preexec_fn=low)
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.split() == ["64", str(wanted), str(wanted)]
+
+
+async def test_sigterm_with_vault_calls_stuck_exits_within_its_own_deadlines(
+        tmp_path: Path, pki: Pki, openbao: OpenBaoDevServer) -> None:
+    """requests bounds each socket read, not a call: a stalled Vault keeps a worker thread in
+    its call, and Python waited for it at exit — here for the 60 s [vault] timeout, past
+    systemd's TimeoutStopSec. The broker now exits once its own deadlines are kept."""
+    proxy = await TcpProxy("127.0.0.1", openbao.port).start()
+    serve = serve_config(tmp_path, pki, openbao, "stuck-exit",
+                         {"ttl": "60s", "grace": "3s", "rotate_after": "40s", "check_interval": "1s"},
+                         vault_address=proxy.address, vault_timeout="60s")
+    await serve.start()
+    try:
+        await serve.wait_ready()
+        on_the_wire = proxy.request_seen("/v1/auth/token/lookup-accessor")
+        proxy.hold()  # the next check's lookup reaches the proxy and stays there
+        await asyncio.wait_for(on_the_wire.wait(), timeout=10)
+        started = asyncio.get_running_loop().time()
+        code = await serve.stop(timeout=40)
+        took = asyncio.get_running_loop().time() - started
+    finally:
+        proxy.release()
+        await proxy.stop()
+    assert code == 0
+    assert took < 15, f"{took:.1f}s: the logout's 5 s and a second for the threads, not the 60 s Vault timeout"
+    log = serve.stderr_path.read_text()
+    assert "shutdown_left_vault_calls threads=" in log and "Traceback" not in log

@@ -216,6 +216,10 @@ async def test_a_token_revoked_behind_our_back_still_gets_one_new_login(
     assert [status for status, _, _ in results] == [200] * 3
     assert [e["event"] for e in b.audit_events()].count("vault_login") == 2
     assert len(live_logins(private_openbao, role_name)) == 1
+    # Retiring the revoked login gets a 403 from Vault: it is gone, which is what was wanted.
+    await b.wait_for(lambda: any(e["event"] == "vault_logout" for e in b.audit_events()), what="the old login retired")
+    logouts = [(e["reason"], e["outcome"]) for e in b.audit_events() if e["event"] == "vault_logout"]
+    assert logouts == [("replaced (already revoked or expired at Vault)", "ok")]
 
 
 async def test_a_clean_shutdown_revokes_the_brokers_own_login(

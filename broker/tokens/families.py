@@ -50,7 +50,7 @@ from broker.tokens.model import Token
 from broker.tokens.revocations import RevocationPending, RevocationQueue
 from broker.tokens.store import EncodedLines, PendingRevocation, StateStore, checked_fields, json_line
 from broker.vault.auth import Authenticator
-from broker.vault.client import VaultClient
+from broker.vault.client import VaultClient, not_orphan
 
 log = logging.getLogger("broker.families")
 
@@ -280,6 +280,9 @@ class FamilyManager:
         minted = await self._auth.call(lambda: self._vault.create_token(profile.token_role, profile.policies, ttl, meta))
         token = Token(value=minted.token, accessor=minted.accessor, generation=generation, issued_at=now,
                       expires_at=now + minted.ttl, rotate_at=now + minted.ttl)
+        if not minted.orphan:
+            await self._revoke_now(LiveToken.of(token), profile.name, family, "rolled_back")
+            raise not_orphan(profile.token_role)
         try:
             await self._auth.call(lambda: self._vault.lookup_token(minted.token))
         except VaultError:

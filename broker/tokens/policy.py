@@ -15,6 +15,7 @@ BACKOFF_BASE = 1.0
 BACKOFF_CAP = 300.0
 MIN_RETRY_DELAY = 0.05  # full jitter can draw ~0; never spin
 SERVE_MARGIN = 1.0  # a token with less than this left is not worth handing out
+LAST_CHANCE_LEAD = 2.0  # a mint and its verification, for a retry that must land while still serving
 
 
 def rotate_at(issued_at: float, expires_at: float, ttl: float, rotate_after: float, jitter: float) -> float:
@@ -50,14 +51,16 @@ def backoff_delay(failures: int, jitter: float, now: float, current: Token | Non
     """Full-jitter exponential backoff (1 s doubling to ``cap``, 5 min by default) after
     ``failures`` >= 1 failures.
 
-    While a token is still being served, never sleep past its expiry: the last chance to
-    replace it must not be slept through.
+    While a token is still being served, never sleep past the last chance to replace it before
+    serving stops (``SERVE_MARGIN`` ahead of expiry, less the time a mint and its check take);
+    once that is past, never past expiry.
     """
     # The exponent is bounded: 2 ** 1024 overflows a float, and 2 ** 20 s is far past any cap.
     ceiling = min(cap, BACKOFF_CAP, BACKOFF_BASE * 2 ** min(max(0, failures - 1), 20))
     delay = jitter * ceiling
     if current is not None and current.expires_at > now:
-        delay = min(delay, current.expires_at - now)
+        last_chance = current.expires_at - SERVE_MARGIN - LAST_CHANCE_LEAD
+        delay = min(delay, last_chance - now if last_chance > now else current.expires_at - now)
     return max(MIN_RETRY_DELAY, delay)
 
 

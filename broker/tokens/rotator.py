@@ -25,7 +25,7 @@ from broker.tokens.model import ProfileState, Token, TokenCache
 from broker.tokens.revocations import RevocationQueue
 from broker.tokens.store import IssuedRecord, PendingRevocation, StateStore
 from broker.vault.auth import Authenticator
-from broker.vault.client import VaultClient
+from broker.vault.client import VaultClient, not_orphan
 
 log = logging.getLogger("broker.rotator")
 
@@ -174,12 +174,14 @@ class Rotator:
         p = self.profile
         generation = self._generation + 1
         meta = {"profile": p.name, "generation": str(generation), "issued_by": "token-broker"}
+        # Vault's TTL runs from when it minted, somewhere during the call: counted from before
+        # it, a slow answer never makes a token look longer-lived than Vault will honour.
+        now = self._clock.now()
         try:
             minted = await self._auth.call(lambda: self._vault.create_token(p.token_role, p.policies, p.ttl, meta))
         except VaultError as exc:
             self._failed(exc, "mint")
             raise
-        now = self._clock.now()
         expires_at = now + minted.ttl
         if minted.ttl < p.ttl - 1:
             # Rotation scales to what was granted, but grace may no longer fit: say so each time.
@@ -193,6 +195,10 @@ class Rotator:
             rotate_at=policy.rotate_at(now, expires_at, p.ttl, p.rotate_after, self._rng.random()),
         )
         self._record("token_minted", generation=generation, token_fp=token.fp, reason=reason)
+        if not minted.orphan:
+            refused = not_orphan(p.token_role)
+            await self._roll_back(token, refused, "verify")
+            raise refused
         try:
             await self._auth.call(lambda: self._vault.lookup_token(minted.token))
         except VaultError as exc:
@@ -308,7 +314,7 @@ class Rotator:
         self._within_grant(current, min_ttl)  # else every such fetch would mint and still fail
         if self._inflight is not None and not self._inflight.done():
             await asyncio.shield(self._inflight)
-        elif self._retry_at is None and policy.is_servable(now, current):
+        elif self._retry_at is None and self.state.consecutive_failures == 0 and policy.is_servable(now, current):
             await self.rotate("min_ttl")
         else:
             raise VaultUnavailable("create_token", self.state.last_error or "no valid token yet")
@@ -400,6 +406,8 @@ class Rotator:
         state = dataclasses.replace(self.state, last_checked_at=now)
         if self._retry_at is None:  # no rotation is being retried: this check is what heals the profile
             state = dataclasses.replace(state, consecutive_failures=0, unhealthy=False, last_error=None)
+        else:
+            self._retry_at = now  # Vault answers again: retry the rotation now, not after the backoff
         self._publish(state)
 
     def _check_failed(self, exc: VaultError) -> None:

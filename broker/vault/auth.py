@@ -339,13 +339,25 @@ class Authenticator:
         try:
             await self._vault.revoke_self_with(login.token)
         except VaultError as exc:
-            log.warning("vault_logout_failed method=%s accessor_fp=%s reason=%s error=%s action=it expires at its "
-                        "TTL", method, accessor_fp, reason, exc)
-            self._record("vault_logout", outcome="failure", reason=f"{reason}: {exc}", method=method)
-            return
+            if not await self._already_gone(login, exc):
+                log.warning("vault_logout_failed method=%s accessor_fp=%s reason=%s error=%s action=it expires at "
+                            "its TTL", method, accessor_fp, reason, exc)
+                self._record("vault_logout", outcome="failure", reason=f"{reason}: {exc}", method=method)
+                return
+            reason = f"{reason} (already revoked or expired at Vault)"
         log.info("vault_logout method=%s accessor_fp=%s reason=%s", method, accessor_fp, reason)
         # Audited like the login it ends: a security team can tell when each credential stopped.
         self._record("vault_logout", reason=reason, method=method)
+
+    async def _already_gone(self, login: Login, exc: VaultError) -> bool:
+        """A login revoked behind the broker's back (the reason it was replaced) cannot revoke
+        itself: Vault answers 403. That is the outcome wanted, not a failure to report."""
+        if not isinstance(exc, (VaultPermissionDenied, TokenInvalid)):
+            return False
+        try:
+            return not await self._vault.token_is_valid(login.token)
+        except VaultError:
+            return False
 
     async def logout(self, timeout: float) -> None:
         """Clean shutdown: revoke the broker's own login (unless it is the operator's token) and

@@ -228,6 +228,15 @@ def _token_info(data: dict[str, Any]) -> TokenInfo:
     )
 
 
+def not_orphan(role: str) -> VaultRequestRejected:
+    """For a minted token whose ``orphan`` is false: a token role without orphan=true mints
+    children of the broker's own login, and each dies when that login is revoked (every
+    re-login, every clean stop), under the jobs using it. The caller revokes the token."""
+    return VaultRequestRejected("create_token", f"token role {role} minted a token that is not an orphan; set "
+                                f"orphan=true on it (bao write auth/token/roles/{role} orphan=true), or every token "
+                                "it mints is revoked with the broker's own login")
+
+
 class VaultClient:
     def __init__(self, config: VaultClientConfig, metrics: Metrics, *, name: str = "vault",
                  shared: hvac.Client | None = None) -> None:
