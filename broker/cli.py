@@ -60,8 +60,18 @@ def _profile_name(text: str) -> str:
     return text
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("token-broker")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="broker", description="mTLS sidecar token broker for CI runners")
+    p.add_argument("--version", action="version", version=f"broker {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the broker")
@@ -178,6 +188,7 @@ def _check(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
         _server_tls_files(config)
+        _writable_places(config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(_in_file(args.config, problem), file=sys.stderr)
@@ -197,6 +208,33 @@ def _server_tls_files(config: Config) -> None:
         listener_context(config.server)
     except CertError as exc:
         raise ConfigError([f"server: {exc}"]) from None
+
+
+def _writable_places(config: Config) -> None:
+    """Where ``serve`` writes must be writable by whoever runs check (run it as the broker's
+    user): else the start fails (audit, state) or every secret_id rotation does, quietly."""
+    places = [("audit.path", config.audit.path, True), ("state.dir", config.state.dir, False)]
+    places += [(f"vault.auth[{i}].secret_id_file", auth.secret_id_file.parent, False)
+               for i, auth in enumerate(config.vault.auth)
+               if auth.rotate_secret_id is not None and auth.secret_id_file is not None]
+    problems = [f"{key}: {problem}" for key, path, is_file in places
+                if (problem := _not_writable(Path(path), is_file)) is not None]
+    if problems:
+        raise ConfigError(problems)
+
+
+def _not_writable(path: Path, is_file: bool) -> str | None:
+    """Why this user cannot create or write ``path`` (a file, or a directory and files in it)."""
+    target = path if path.exists() else path.parent if is_file else path
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_file() and existing != path:
+        return f"{existing} is a file, so {path} cannot be created"
+    if not os.access(existing, os.W_OK | (0 if existing.is_file() else os.X_OK)):
+        what = "cannot write" if existing == path else f"cannot create {path}: no write access to"
+        return f"{what} {existing} as this user (uid {os.getuid()}); run broker check as the broker's user"
+    return None
 
 
 def _unset_token_envs(config: Config) -> list[str]:

@@ -5,7 +5,8 @@
 # stdout, one-time refresh token in a 0600 file), `broker refresh` trades the refresh token for
 # the next token before the current one runs out, and `broker release` revokes the family when
 # the job ends, whatever the outcome (the trap). Needs BROKER_URL, BROKER_CERT, BROKER_KEY,
-# BROKER_CA (see docs/job-authors.md); BROKER_PROFILE picks the profile (default: release).
+# BROKER_CA (see docs/job-authors.md); BROKER_PROFILE picks the profile (default: release);
+# VAULT_ADDR for the `bao`/`vault` commands the job's work runs with the token.
 #
 # Under GitHub Actions (GITHUB_ACTIONS=true) get and refresh print an ::add-mask:: line for
 # the token on stderr, where the runner reads it, so `$(broker get ...)` stays masked as is.

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from broker import cli
+from tests.conftest import Pki, write_config
+from tests.test_cli import broker_cli
 
 
 # --- what is checked before anything is fetched ---------------------------------------------
@@ -62,3 +64,40 @@ def test_a_client_file_that_is_a_directory_says_so(tmp_path: Path, monkeypatch: 
     assert cli.main(["get", "demo"]) == 2
     assert capsys.readouterr().err == (f"broker get: BROKER_CERT {tmp_path} is not a regular file (a directory or "
                                        "device?); give the PEM file's path\n")
+
+
+def test_version_is_the_installed_distributions(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"broker {version('token-broker')}\n"
+
+
+def test_check_refuses_a_place_serve_could_not_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file where the state directory should be: serve would fail at its first write."""
+    blocker = tmp_path / "var"
+    blocker.write_text("not a directory\n")
+    assert cli._not_writable(blocker / "state", is_file=False) == (
+        f"{blocker} is a file, so {blocker / 'state'} cannot be created")
+    assert cli._not_writable(tmp_path / "new" / "deeper", is_file=False) is None  # created at start
+    # As another user (the tests run as root, for whom every directory is writable):
+    denied = {tmp_path}
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: Path(path) not in denied)
+    problem = cli._not_writable(tmp_path / "audit" / "audit.jsonl", is_file=True)
+    assert problem is not None and problem.startswith(
+        f"cannot create {tmp_path / 'audit' / 'audit.jsonl'}: no write access to {tmp_path} as this user")
+    assert "run broker check as the broker's user" in problem
+
+
+async def test_broker_check_refuses_a_state_dir_it_could_not_create(pki: Pki, tmp_path: Path) -> None:
+    config = write_config(tmp_path, pki, "http://127.0.0.1:8200", [{"method": "token", "token_env": "T"}],
+                          {"demo": {"token_role": "r", "policies": ["p"], "ttl": "1h", "grace": "5m",
+                                    "allow": ["cn:job"]}})
+    (tmp_path / "blocker").write_text("a file\n")
+    config.write_text(config.read_text().replace('dir = "state"', 'dir = "blocker/state"'))
+    ran = await broker_cli("check", "--config", str(config))
+    assert ran.code == 2 and ran.out == "", ran
+    assert ran.err.strip() == f"{config}: state.dir: {tmp_path / 'blocker'} is a file, so " \
+                              f"{tmp_path / 'blocker' / 'state'} cannot be created", ran

@@ -334,3 +334,4 @@ async def test_broker_certs_crl_refuses_a_certificate_of_another_ca(own_pki: Pki
     shutil.copy(own_pki.other_dir / "job.pem", own_pki.dir / "foreign.pem")
     ran = await broker_cli("certs", "crl", "foreign", "--dir", str(own_pki.dir))
     assert ran.code == 2 and "foreign.pem was not issued by the CA in" in ran.err, ran
+
