@@ -7,9 +7,12 @@ appear in the captured logs, the audit file or the metrics.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
 import logging
+import os
 import ssl
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +35,33 @@ from tests.faults import TcpProxy
 
 
 # --- logs, kept for the leak scan ---------------------------------------------------------
+
+# A test that hangs (a wait with no deadline after a regression) ends the run with every
+# thread's traceback instead of holding CI until its 90-minute limit. Far above the slowest
+# test (the 30 s load run plus its broker's start and stop).
+TEST_TIMEOUT = 300.0
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    faulthandler.dump_traceback_later(TEST_TIMEOUT, exit=True, file=_uncaptured_stderr(item.config))
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def _uncaptured_stderr(config: pytest.Config) -> Any:
+    """Where the hang report goes: the terminal's stderr, not pytest's capture of it (which is
+    lost when the process exits from under it)."""
+    capman = config.pluginmanager.getplugin("capturemanager")
+    saved = getattr(getattr(getattr(capman, "_global_capturing", None), "err", None), "targetfd_save", None)
+    if isinstance(saved, int):
+        if not hasattr(config, "_broker_hang_stream"):
+            config._broker_hang_stream = os.fdopen(os.dup(saved), "w")  # type: ignore[attr-defined]
+        return config._broker_hang_stream  # type: ignore[attr-defined]
+    return sys.stderr
+
 
 class LogLines(list[str]):
     """Every log line of the run, and every token value any broker of the run held or served."""
@@ -115,8 +145,8 @@ def record_answer(seen_secrets: set[str], error_bodies: list[str], status: int, 
         if text and "\n" not in text and " " not in text:
             seen_secrets.add(text)
         return
-    if isinstance(body, dict) and isinstance(body.get("token"), str):
-        seen_secrets.add(body["token"])
+    if isinstance(body, dict):
+        seen_secrets.update(body[key] for key in ("token", "refresh_token") if isinstance(body.get(key), str))
 
 
 def token_is_valid(server: OpenBaoDevServer, token: str) -> bool:
@@ -271,8 +301,9 @@ class RunningBroker:
                 body: Any = text
                 if response.content_type == "application/json":
                     body = json.loads(text)
-                    if isinstance(body, dict) and isinstance(body.get("token"), str):
-                        self.seen_secrets.add(body["token"])
+                    if isinstance(body, dict):
+                        self.seen_secrets.update(body[key] for key in ("token", "refresh_token")
+                                                 if isinstance(body.get(key), str))
                 elif response.status == 200 and response.content_type == "text/plain":
                     self.seen_secrets.add(text)
                 return response.status, body, response.headers

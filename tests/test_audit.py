@@ -200,3 +200,30 @@ def test_a_line_a_full_disk_cut_short_is_taken_back(tmp_path: Path) -> None:
                          cwd=Path(__file__).resolve().parent.parent)
     assert ran.returncode == 0 and ran.stdout == "refused\n", ran
     assert [json.loads(line)["event"] for line in path.read_text().splitlines()] == ["vault_login", "token_rotated"]
+
+
+def test_an_existing_audit_file_others_can_read_is_made_0600(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    path.write_text('{"ts":"2026-01-01T00:00:00.000Z","event":"token_served"}\n')
+    path.chmod(0o644)
+    audit = AuditLog(path, FakeClock())
+    audit.open()
+    audit.event("token_served", profile="demo")
+    audit.close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(path.read_text().splitlines()) == 2, "appended, the old line kept"
+
+
+def test_timestamps_are_utc_whatever_the_local_time_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from broker.audit import rfc3339
+
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        assert rfc3339(0.25) == "1970-01-01T00:00:00.250Z"
+        assert rfc3339(1_800_000_000.5) == "2027-01-15T08:00:00.500Z"
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()

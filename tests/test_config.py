@@ -1167,3 +1167,23 @@ def test_a_vault_timeout_over_five_minutes_is_refused(tmp_path: Path) -> None:
     """A call that long is not coming back; waiting for it holds a worker thread and a rotation."""
     text = _mutated('timeout = "5s"', 'timeout = "10m"')
     assert _problems(tmp_path, text) == ["vault.timeout: 10m is more than the maximum 5m"]
+
+
+@pytest.mark.parametrize("prefix", ["hvs", "hvb", "hvr", "s", "b", "r"])
+def test_every_vault_token_shape_is_recognised_and_redacted(prefix: str) -> None:
+    """Service, batch and recovery tokens, in Vault's current and legacy spellings."""
+    from broker.config import looks_like_token, redact_tokens
+
+    token = f"{prefix}.{'A1b2C3d4E5' * 3}"
+    assert looks_like_token(token) and looks_like_token(f"  {token}\n")
+    assert redact_tokens(f"error: {token} refused") == "error: <redacted token> refused"
+    assert not looks_like_token(f"{prefix}.short") and not looks_like_token(f"x{token}")
+
+
+def test_profile_defaults_are_the_documented_ones(tmp_path: Path) -> None:
+    text = _mutated('check_interval = "60s"\nalert_threshold = 2\n', "")
+    text = _mutated('reuse_interval = "20s"\n', "", text)
+    profiles = load_config(_setup(tmp_path, text)).profiles
+    deploy, jobs = profiles["deploy"], profiles["jobs"]
+    assert (deploy.alert_threshold, deploy.check_interval, deploy.grace) == (2, 60.0, 900.0)
+    assert (jobs.reuse_interval, jobs.family_max_age, jobs.max_families_per_client) == (30.0, 86400.0, 100)

@@ -818,3 +818,24 @@ async def test_the_family_limit_counts_families_kept_across_a_restart(brokers: B
     again.seen_secrets |= b.seen_secrets
     assert_error(await raw(again, "POST", "/v1/tokens/deploy"), 409, "too_many_families", "already holds 1 live")
     assert token_is_valid(again.vault, (await _create(again, cert="job-other"))["token"])
+
+
+async def test_retry_window_starts_when_the_refresh_token_is_spent(brokers: BrokerFactory) -> None:
+    clock = FakeClock()
+    b = await brokers.start({"deploy": {**SLOW, "reuse_interval": "30s"}}, clock=clock)
+    first = await _create(b)
+    await clock.advance(120)  # the family is two minutes old
+    status, second = await _refresh(b, first["refresh_token"])
+    assert status == 200
+    status, again = await _refresh(b, first["refresh_token"])  # a retry right after: within 30 s
+    assert status == 200 and again == second
+
+
+async def test_a_replay_several_generations_back_is_reuse_with_the_default_bound(brokers: BrokerFactory) -> None:
+    b = await brokers.start({"deploy": {**PER_JOB, "reuse_interval": "0s"}})
+    issued = [await _create(b)]
+    for _ in range(6):
+        status, body = await _refresh(b, issued[-1]["refresh_token"])
+        assert status == 200
+        issued.append(body)
+    await _refused(b, issued[0]["refresh_token"], "refresh_token_reused", REUSED)

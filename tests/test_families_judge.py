@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from broker.tokens.families import Family, LiveToken, Verdict, family_of, judge, new_refresh_token, refresh_hash
+from broker.tokens import families as families_module
+from broker.tokens.families import (Family, Issued, LiveToken, Verdict, family_of, judge, new_refresh_token,
+                                   refresh_hash)
+from broker.tokens.model import Token
 
 OWNER, OTHER = "a" * 64, "b" * 64
 
@@ -48,4 +51,16 @@ def test_refresh_tokens_are_random_opaque_and_carry_their_family() -> None:
     assert len(tokens) == 100
     for token in tokens:
         assert family_of(token) == "fam_x" and len(token.partition(".")[2]) >= 43  # 256 bits, URL-safe
-        assert len(refresh_hash(token)) == 64 and token not in repr(family(current_hash=refresh_hash(token)))
+        assert len(refresh_hash(token)) == 64
+
+
+def test_issued_and_live_token_reprs_hide_every_secret() -> None:
+    secret, refresh, accessor = "s.SuperSecretTokenValue1234567890", "fam_x.REFRESHsecretREFRESHsecret", "acc-SECRET"
+    token = Token(value=secret, accessor=accessor, generation=1, issued_at=0, expires_at=10, rotate_at=5)
+    live = LiveToken.of(token)
+    family = Family(id="fam_x", profile="p", owner_fp="o", owner_identity="cn:j", created_at=0, expires_at=9,
+                    generation=1, current=live, current_hash=families_module.refresh_hash(refresh))
+    for obj in (live, family, Issued(family, token, refresh)):
+        text = repr(obj) + str(obj)
+        assert secret not in text and refresh not in text and accessor not in text
+        assert families_module.refresh_hash(refresh) not in text

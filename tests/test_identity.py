@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from broker.certs import init_ca_and_server, issue_client
 from broker.errors import CertError
 from broker.identity import (
+    Caller,
     identities_from_der,
     identities_from_peercert,
     matches,
@@ -187,3 +188,26 @@ def test_identity_module_is_pure() -> None:
     source = Path(mod.__file__).read_text()
     for banned in ("aiohttp", "hvac", "prometheus_client"):
         assert f"import {banned}" not in source and f"from {banned}" not in source
+
+
+def test_a_malformed_san_extension_is_refused_not_read_as_no_sans() -> None:
+    """Read as 'no SANs', a certificate would quietly lose its uri:/dns: identities."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtensionOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "job")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x03\x86\x01"),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    der = cert.public_bytes(Encoding.DER)
+    with pytest.raises(CertError, match="cannot parse client certificate extensions"):
+        identities_from_der(der)
+    with pytest.raises(CertError):
+        Caller.from_der(der)

@@ -297,3 +297,10 @@ def test_backoff_never_sleeps_past_the_last_chance_to_replace_a_token_still_serv
 
 def _backoff_token(expires_at: float) -> Token:
     return Token(value="v", accessor="a", generation=1, issued_at=0.0, expires_at=expires_at, rotate_at=60.0)
+
+
+def test_backoff_honours_its_cap_and_retry_cap_follows_check_interval() -> None:
+    assert policy.backoff_delay(12, 0.9999999, 0.0, None, cap=60.0) == pytest.approx(60.0, rel=1e-6)
+    assert policy.retry_cap(60.0) == 60.0
+    assert policy.retry_cap(0.2) == policy.BACKOFF_BASE
+    assert policy.retry_cap(3600.0) == policy.BACKOFF_CAP

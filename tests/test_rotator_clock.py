@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import BrokerFactory
+from tests.conftest import BrokerFactory, raw, root_client
 from tests.fakes import FakeClock
 from tests.faults import TcpProxy
 
@@ -79,3 +79,48 @@ async def test_backoff_never_sleeps_past_the_current_tokens_expiry(brokers: Brok
     status, body, headers = await b.request("GET", "/v1/tokens/demo")
     assert status == 503 and "Retry-After" in headers
     proxy.heal()
+
+
+QUIET = {"ttl": "1h", "grace": "10m", "rotate_after": "40m", "check_interval": "10m"}
+
+
+async def test_min_ttl_fetches_during_an_outage_do_not_each_mint(brokers: BrokerFactory, proxy: TcpProxy) -> None:
+    clock = FakeClock()
+    b = await brokers.start(clock=clock, vault_address=proxy.address)  # ttl 30s
+    await b.get_token()
+    await clock.advance(5)
+    proxy.cut()
+    for _ in range(6):
+        answer = await raw(b, "GET", "/v1/tokens/demo?min_ttl=29")
+        assert answer.status == 503
+    assert b.metric("broker_rotations_total", profile="demo", outcome="failure") == 1, "one attempt, then backoff"
+    proxy.heal()
+
+
+async def test_token_list_says_unhealthy_past_the_alert_threshold(brokers: BrokerFactory, proxy: TcpProxy) -> None:
+    clock = FakeClock()
+    b = await brokers.start({"demo": {**QUIET, "check_interval": "1h", "alert_threshold": 2}}, clock=clock,
+                            vault_address=proxy.address)
+    rotator = b.broker.rotators["demo"]
+    proxy.cut()
+    await clock.advance(b.broker.cache.get("demo").current.rotate_at - clock.now())
+    await b.wait_for(lambda: b.broker.cache.get("demo").consecutive_failures == 1, what="failure 1")
+    await clock.advance(rotator.retry_at - clock.now())
+    await b.wait_for(lambda: b.broker.cache.get("demo").consecutive_failures == 2, what="failure 2")
+    status, body, _ = await b.request("GET", "/v1/tokens")
+    assert status == 200 and [p["healthy"] for p in body["profiles"]] == [False]
+    proxy.heal()
+
+
+async def test_an_invalidated_token_is_not_served_when_its_replacement_fails(brokers: BrokerFactory) -> None:
+    clock = FakeClock()
+    b = await brokers.start({"demo": QUIET}, clock=clock)
+    served = await b.get_token()
+    root = root_client(b.vault)
+    root.auth.token.revoke(served["token"])
+    root.delete(f"auth/token/roles/{b.roles['demo']}")  # the replacement mint fails
+    await clock.advance(601)  # past check_interval: the check finds the token gone
+    await b.wait_for(lambda: any(e["event"] == "token_invalidated" for e in b.audit_events()),
+                     what="token_invalidated")
+    answer = await raw(b, "GET", "/v1/tokens/demo")
+    assert answer.status == 503, f"the revoked token must not be served (got {answer.status})"

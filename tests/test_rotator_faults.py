@@ -570,6 +570,74 @@ async def test_a_rotation_that_fails_verification_keeps_serving_the_current_toke
     assert (await b.get_token())["token"] != first["token"]
 
 
+async def test_a_family_token_that_fails_verification_is_revoked_and_the_family_unchanged(
+        brokers: BrokerFactory) -> None:
+    """The per-job path verifies what it mints as rotations do: a start or a refresh whose new
+    token cannot be looked up answers 503, the token is revoked, and the family stays where it was."""
+    suffix = os.urandom(4).hex()
+    role, approle = f"verifyjob-{suffix}", f"broker-verifyjob-{suffix}"
+    setup_token_role(brokers.openbao, role, [f"{role}-policy"])
+    b = await brokers.start({"jobs": {"mode": "per-job", "ttl": "60s", "grace": "3s", "allow": ["cn:job"]}},
+                            roles={"jobs": role}, auth=_approle_auth(brokers, [role], approle))
+    status, first, _ = await b.request("POST", "/v1/tokens/jobs")
+    assert status == 200, first
+    no_lookup = broker_policy([role]).replace('path "auth/token/lookup" { capabilities = ["update"] }', "")
+    brokers.openbao.bao("policy", "write", f"{approle}-policy", "-", stdin=no_lookup)
+
+    status, body, _ = await b.request("POST", "/v1/tokens/jobs")
+    assert status == 503 and body["error"] == "unavailable", body
+    status, body, _ = await b.request("POST", "/v1/refresh", json={"refresh_token": first["refresh_token"]})
+    assert status == 503 and body["error"] == "unavailable", body
+    rolled_back = [e for e in b.audit_events() if e["event"] == "token_revoked" and e["reason"] == "rolled_back"]
+    assert len(rolled_back) == 2 and all(e["outcome"] == "ok" for e in rolled_back), rolled_back
+    assert [f.generation for f in b.broker.families.families] == [1], "nothing moved"
+
+    brokers.openbao.bao("policy", "write", f"{approle}-policy", "-", stdin=broker_policy([role]))
+    status, body, _ = await b.request("POST", "/v1/refresh", json={"refresh_token": first["refresh_token"]})
+    assert status == 200 and body["generation"] == 2 and token_is_valid(b.vault, body["token"]), body
+    await b.request("DELETE", f"/v1/families/{first['family']}")
+
+
+async def test_a_revocation_due_while_the_broker_cannot_log_in_is_kept_not_dropped(brokers: BrokerFactory) -> None:
+    """Its own login failing is not the entry's fault: the previous token is revoked once a
+    login works again, instead of leaving the queue as 'Vault rejected it'."""
+    suffix = os.urandom(4).hex()
+    role, approle = f"keep-{suffix}", f"broker-keep-{suffix}"
+    setup_token_role(brokers.openbao, role, [f"{role}-policy"])
+    auth = _approle_auth(brokers, [role], approle)
+    clock = FakeClock()
+    b = await brokers.start({"demo": {"ttl": "1h", "grace": "10m", "rotate_after": "40m", "check_interval": "30m"}},
+                            roles={"demo": role}, auth=auth, clock=clock)
+    first = await b.get_token()
+    status, _, _ = await b.request("POST", "/v1/tokens/demo/rotate", cert="ops")
+    assert status == 200 and len(b.broker.revocations.pending) == 1
+    root = root_client(b.vault)
+    secret_id_file = Path(auth[0]["secret_id_file"])
+    root.write(f"auth/approle/role/{approle}/secret-id/destroy", secret_id=secret_id_file.read_text().strip())
+    root.auth.token.revoke(b.broker.auth._login.token)  # the next call needs a login, which now fails
+    await clock.advance(601)  # the grace of generation 1 is over: its revocation is due
+    await b.wait_for(lambda: any(e["event"] == "vault_login_failed" for e in b.audit_events()),
+                     what="a failed login while the revocation was due")
+    await clock.settle()
+    assert len(b.broker.revocations.pending) == 1, "kept for a later try"
+    assert not [e for e in b.audit_events() if e["event"] == "token_revoked"], "neither done nor dropped"
+    assert token_is_valid(b.vault, first["token"])
+
+    secret_id = root.write(f"auth/approle/role/{approle}/secret-id")["data"]["secret_id"]
+    b.seen_secrets.add(secret_id)
+    secret_id_file.write_text(secret_id + "\n")
+    for _ in range(40):  # past the queue's backoff and the login's, a step at a time
+        if not b.broker.revocations.pending:
+            break
+        await clock.advance(30)
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the kept revocation was not carried out once a login worked")
+    assert not token_is_valid(b.vault, first["token"])
+    revoked = [e for e in b.audit_events() if e["event"] == "token_revoked"]
+    assert [(e["reason"], e["outcome"]) for e in revoked] == [("grace_ended", "ok")]
+
+
 def _approle_auth(brokers: BrokerFactory, roles: list[str], approle: str) -> list[dict[str, str]]:
     directory = brokers.tmp_path / f"{approle}-secrets"
     files = setup_approle(brokers.openbao, roles, directory, role_name=approle)
