@@ -153,11 +153,10 @@ def _serve(args: argparse.Namespace) -> int:
     broker = build(load_config(args.config))
     install_uvloop()
     asyncio.run(serve_until_signalled(broker))
-    _exit_past_stuck_vault_calls()
     return EXIT_OK
 
 
-def _exit_past_stuck_vault_calls() -> None:
+def _exit_past_stuck_vault_calls(code: int) -> None:
     """Everything the broker keeps is written and closed by now; a Vault call that cannot be
     interrupted must not hold the process past its stop timeout."""
     import logging
@@ -172,7 +171,8 @@ def _exit_past_stuck_vault_calls() -> None:
         "without waiting for it", len(stuck))
     logging.shutdown()
     sys.stdout.flush()
-    os._exit(EXIT_OK)
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _dev(args: argparse.Namespace) -> int:
@@ -225,6 +225,8 @@ def _writable_places(config: Config) -> None:
 
 def _not_writable(path: Path, is_file: bool) -> str | None:
     """Why this user cannot create or write ``path`` (a file, or a directory and files in it)."""
+    if path.exists() and path.is_dir() == is_file:
+        return f"{path} is a directory, not a file" if is_file else f"{path} exists and is not a directory"
     target = path if path.exists() else path.parent if is_file else path
     existing = target
     while not existing.exists() and existing != existing.parent:
@@ -568,6 +570,13 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    code = _run(args)
+    if args.command == "serve":
+        _exit_past_stuck_vault_calls(code)  # however serve ended: a clean stop or a failure
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -33,7 +33,7 @@ class Caller:
 
     identities: tuple[str, ...]
     fingerprint: str
-    issuer_and_serial: tuple[bytes, int] = (b"", 0)
+    issuer_and_serial: tuple[CanonicalName, int] = ((), 0)
 
     @property
     def primary(self) -> str:
@@ -44,7 +44,7 @@ class Caller:
         """The caller a verified certificate (DER) names; CertError if it cannot be parsed."""
         cert = _parse(der)
         return cls(_identities(cert), hashlib.sha256(der).hexdigest(),
-                   (cert.issuer.public_bytes(), cert.serial_number))
+                   (canonical_name(cert.issuer), cert.serial_number))
 
 
 # getpeercert() spells SAN types like OpenSSL's X509V3_EXT_print; we keep URI and DNS only.
@@ -65,6 +65,27 @@ def identities_from_peercert(peercert: Mapping[str, Any] | None) -> tuple[str, .
         if kind is not None:
             found.append(f"{kind}:{value}")
     return _dedupe(found)
+
+
+CanonicalName = tuple[tuple[tuple[str, str | bytes], ...], ...]
+
+
+def canonical_name(name: x509.Name) -> CanonicalName:
+    """``name`` as OpenSSL compares names (X509_NAME's canonical encoding): per RDN, attribute
+    types with values whose string type does not matter, ASCII letters lowercased, leading and
+    trailing whitespace dropped and inner runs collapsed. A CRL and a certificate may spell
+    their CA's name differently (PrintableString here, UTF8String there, other case) and still
+    name the same CA to OpenSSL, so to the broker too."""
+    return tuple(
+        tuple(sorted((attr.oid.dotted_string, _canonical_value(attr.value)) for attr in rdn))
+        for rdn in name.rdns
+    )
+
+
+def _canonical_value(value: str | bytes) -> str | bytes:
+    if isinstance(value, bytes):
+        return value
+    return "".join(c.lower() if c.isascii() else c for c in " ".join(value.split()))
 
 
 def identities_from_der(der: bytes) -> tuple[str, ...]:

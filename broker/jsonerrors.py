@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
@@ -26,6 +27,18 @@ ERROR_CODES = {
     406: "not_acceptable", 408: "request_timeout", 413: "payload_too_large", 415: "unsupported_media_type",
     417: "expectation_failed", 429: "rate_limited", 431: "headers_too_large", 500: "internal", 503: "unavailable",
 }
+
+
+# Where a token could start: quoting a caller's input from there on would repeat part of it.
+_TOKEN_START = re.compile(r"(?<![A-Za-z0-9])(?:hvs|hvb|hvr|s|b|r)\.")
+
+
+def quoted(text: str, limit: int) -> str:
+    """A caller's input for an error message: at most ``limit`` characters, and never anything
+    that may be (the start of) a Vault token."""
+    if _TOKEN_START.search(text):
+        return "(a value shaped like a Vault token, not repeated)"
+    return repr(text[:limit]) + ("…" if len(text) > limit else "")
 
 
 def error_body(status: int, message: str, code: str | None = None) -> bytes:

@@ -60,6 +60,10 @@ class Metrics:
             "broker_tls_handshakes", "TLS handshakes on the API listener (openssl engine) by outcome.",
             ["outcome"], registry=registry,
         )
+        self.tls_reloads = Counter(
+            "broker_tls_reloads", "SIGHUP reloads of the listener's certificate, client_ca and client_crl, by outcome.",
+            ["outcome"], registry=registry,
+        )
         self.client_crl_next_update = Gauge(
             "broker_client_crl_next_update_timestamp_seconds",
             "Unix time after which the loaded client_crl is stale and every client is refused (0: none).",

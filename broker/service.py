@@ -33,7 +33,7 @@ from broker.tokens.revocations import RevocationPending, RevocationQueue
 from broker.tokens.rotator import Rotator
 from broker.tokens.store import PendingRevocation, StateStore
 from broker.vault.auth import Authenticator, method_from_config
-from broker.vault.client import VaultClient, VaultClientConfig
+from broker.vault.client import WORKER_THREAD_PREFIX, VaultClient, VaultClientConfig
 
 log = logging.getLogger("broker.service")
 
@@ -112,6 +112,7 @@ class Broker:
     tls_context: tls.ReloadableServerContext | ReloadableOpenSSLContext
     api_port: int = 0
     ops_port: int = 0
+    tls_reload_error: str | None = None
     shutdown_revoke_timeout: float = SHUTDOWN_REVOKE_TIMEOUT
     _runners: list[web.AppRunner] = field(default_factory=list)
 
@@ -141,8 +142,15 @@ class Broker:
         try:
             self.tls_context.reload()
         except CertError as exc:
-            log.error("tls_reload_failed error=%s action=keeping the previous certificate", exc)
+            # All or nothing: a CRL meant to revoke a leaked certificate is not in force either.
+            log.error("tls_reload_failed error=%s action=keeping the previous certificate, client_ca and client_crl",
+                      exc)
+            self.tls_reload_error = f"the last reload (SIGHUP) failed, the previous certificate, client_ca and " \
+                                    f"client_crl are in force: {exc}"
+            self.metrics.tls_reloads.labels("failure").inc()
             return
+        self.tls_reload_error = None
+        self.metrics.tls_reloads.labels("success").inc()
         self.record_client_crl()
         crl = self.tls_context.crl
         log.info("tls_reloaded cert=%s client_ca=%s client_crl=%s revoked_certificates=%s", self.config.server.cert,
@@ -170,6 +178,7 @@ class Broker:
             per_job_profiles=tuple(name for name, p in cfg.profiles.items() if p.mode == "per-job"),
             family_state_error=lambda: self.families.state_error if self.families is not None else None,
             tls_error=lambda now: self.tls_context.crl.problem(now) if self.tls_context.crl is not None else None,
+            tls_reload_error=lambda: self.tls_reload_error,
         )), access_log=None, handle_signals=False, shutdown_timeout=2.0)
         self.api_port = api_sock.getsockname()[1]
         self.ops_port = ops_sock.getsockname()[1]
@@ -335,9 +344,6 @@ def build(config: Config, clock: Clock | None = None, registry: CollectorRegistr
                   tls_context=listener_context(config.server))
 
 
-VAULT_THREAD_PREFIX = "vault"  # VaultClient's worker threads: "vault_0", "vault-families_1", ...
-
-
 def stuck_vault_calls(wait: float = 1.0) -> list[str]:
     """After the event loop has stopped: the names of Vault worker threads still inside a call
     ``wait`` seconds later (requests bounds each socket read, not a whole answer, so a Vault
@@ -355,7 +361,7 @@ def stuck_vault_calls(wait: float = 1.0) -> list[str]:
         thread.join(max(0.0, deadline - time.monotonic()))
         if thread.is_alive():
             stuck.append(thread.name)
-    if any(not name.startswith(VAULT_THREAD_PREFIX) for name in stuck):
+    if any(not name.startswith(WORKER_THREAD_PREFIX) for name in stuck):
         return []
     return stuck
 

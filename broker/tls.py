@@ -35,11 +35,11 @@ from typing import Any, Protocol
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 
 from broker.config import ServerConfig, check_secret_file_mode
 from broker.errors import CertError
-from broker.identity import Caller, identities_from_der, identities_from_peercert
+from broker.identity import CanonicalName, Caller, canonical_name, identities_from_der, identities_from_peercert
 
 
 class _Transport(Protocol):
@@ -54,7 +54,7 @@ class ClientCrl:
 
     path: Path
     crls: tuple[x509.CertificateRevocationList, ...]
-    revoked: frozenset[tuple[bytes, int]]  # (issuer name as DER, serial number)
+    revoked: frozenset[tuple[CanonicalName, int]]  # (issuer, as OpenSSL compares names; serial number)
     next_update: float | None  # the earliest nextUpdate: after it OpenSSL refuses every client
 
     def revokes(self, caller: Caller) -> bool:
@@ -69,19 +69,27 @@ class ClientCrl:
 
 
 _PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
+_PEM_KIND = re.compile(rb"-----BEGIN ([^-\r\n]{1,64})-----")
 
 
 def load_client_crl(path: Path, client_ca: Path) -> ClientCrl:
     """The CRLs in ``path`` (PEM, one or more); CertError unless each is issued and signed by a
     CA in ``client_ca`` and is current, so that a wrong or stale file fails the start or the
     reload that loads it rather than every handshake after it."""
-    blocks = _PEM_CRL.findall(_read_bytes(path, "client_crl"))
+    data = _read_bytes(path, "client_crl")
+    blocks = _PEM_CRL.findall(data)
     if not blocks:
         raise CertError(f"client_crl {path} does not contain a PEM CRL (-----BEGIN X509 CRL-----)")
+    other = next((kind for kind in _PEM_KIND.findall(data) if kind != b"X509 CRL"), None)
+    if other is not None:
+        # The stdlib engine loads the file as OpenSSL does, certificates included: one pasted
+        # here would be trusted like client_ca.
+        raise CertError(f"client_crl {path} holds a {other.decode(errors='replace')} block; it must hold "
+                        "only CRLs (-----BEGIN X509 CRL-----)")
     cas = _read_certs(client_ca, "client_ca")
     now = dt.datetime.now(dt.timezone.utc)
     crls: list[x509.CertificateRevocationList] = []
-    revoked: set[tuple[bytes, int]] = set()
+    revoked: set[tuple[CanonicalName, int]] = set()
     next_updates: list[float] = []
     for block in blocks:
         try:
@@ -89,7 +97,7 @@ def load_client_crl(path: Path, client_ca: Path) -> ClientCrl:
         except ValueError:
             raise CertError(f"client_crl {path} holds a CRL that cannot be parsed") from None
         _check_crl(crl, path, cas, client_ca, now)
-        issuer = crl.issuer.public_bytes()
+        issuer = canonical_name(crl.issuer)
         revoked.update((issuer, entry.serial_number) for entry in crl)
         if crl.next_update_utc is not None:
             next_updates.append(crl.next_update_utc.timestamp())
@@ -100,18 +108,39 @@ def load_client_crl(path: Path, client_ca: Path) -> ClientCrl:
 def _check_crl(crl: x509.CertificateRevocationList, path: Path, cas: list[x509.Certificate], client_ca: Path,
                now: dt.datetime) -> None:
     issuer = crl.issuer.rfc4514_string()
-    signers = [ca for ca in cas if ca.subject == crl.issuer]
+    signers = [ca for ca in cas if canonical_name(ca.subject) == canonical_name(crl.issuer)]
     if not signers:
         raise CertError(f"client_crl {path}: the CRL of {issuer!r} is not from a CA in client_ca {client_ca}")
-    if not any(_signed_by(crl, ca) for ca in signers):
+    signers = [ca for ca in signers if _signed_by(crl, ca)]
+    if not signers:
         raise CertError(f"client_crl {path}: the CRL of {issuer!r} is not signed by that CA's key in client_ca "
                         f"{client_ca}")
+    # What else makes OpenSSL refuse a CRL, and with it every client certificate of that CA.
+    if not any(_may_sign_crls(ca) for ca in signers):
+        raise CertError(f"client_crl {path}: CA {issuer!r} in client_ca may not sign CRLs (its keyUsage lacks "
+                        "cRLSign), so OpenSSL would refuse this CRL and every certificate the CA issued")
+    for extension in crl.extensions:
+        if extension.oid == ExtensionOID.DELTA_CRL_INDICATOR:
+            raise CertError(f"client_crl {path}: the CRL of {issuer!r} is a delta CRL; give the complete CRL")
+        if extension.critical and extension.oid not in _CRITICAL_EXTENSIONS_OPENSSL_HANDLES:
+            raise CertError(f"client_crl {path}: the CRL of {issuer!r} has a critical extension OpenSSL does not "
+                            f"process ({extension.oid.dotted_string}), so it would refuse the CRL")
     if now < crl.last_update_utc:
         raise CertError(f"client_crl {path}: the CRL of {issuer!r} is not valid until "
                         f"{crl.last_update_utc.isoformat()} (its lastUpdate)")
     if crl.next_update_utc is not None and now >= crl.next_update_utc:
         raise CertError(f"client_crl {path}: the CRL of {issuer!r} expired at {crl.next_update_utc.isoformat()} "
                         "(its nextUpdate); publish a newer one")
+
+
+_CRITICAL_EXTENSIONS_OPENSSL_HANDLES = frozenset({ExtensionOID.ISSUING_DISTRIBUTION_POINT})
+
+
+def _may_sign_crls(ca: x509.Certificate) -> bool:
+    try:
+        return ca.extensions.get_extension_for_class(x509.KeyUsage).value.crl_sign
+    except x509.ExtensionNotFound:
+        return True  # no keyUsage: any use
 
 
 def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:

@@ -169,6 +169,14 @@ async def test_an_unknown_query_parameter_is_400_and_nothing_is_served(
     await assert_still_serving(b)
 
 
+@pytest.mark.parametrize("query", ["hvs.CAESIJx9aZ3vQ0hY5xkP2mWnT8rLbD=1", "min_ttl=s.CAESIJx9aZ3vQ0hY5xkP"])
+async def test_a_token_shaped_query_is_refused_without_repeating_any_of_it(b: RunningBroker, query: str) -> None:
+    answer = await raw(b, "GET", f"/v1/tokens/demo?{query}")
+    body = assert_error(answer, 400, "bad_request", "(a value shaped like a Vault token, not repeated)")
+    assert "CAESI" not in answer.text and "hvs." not in body["message"] and "s.CA" not in answer.text
+    await assert_still_serving(b)
+
+
 # --- min_ttl --------------------------------------------------------------------------------
 
 # Whole seconds in ASCII digits only: int() and float() would take most of these.

@@ -82,6 +82,8 @@ def test_check_refuses_a_place_serve_could_not_write(tmp_path: Path, monkeypatch
     assert cli._not_writable(blocker / "state", is_file=False) == (
         f"{blocker} is a file, so {blocker / 'state'} cannot be created")
     assert cli._not_writable(tmp_path / "new" / "deeper", is_file=False) is None  # created at start
+    assert cli._not_writable(blocker, is_file=False) == f"{blocker} exists and is not a directory"
+    assert cli._not_writable(tmp_path, is_file=True) == f"{tmp_path} is a directory, not a file"
     # As another user (the tests run as root, for whom every directory is writable):
     denied = {tmp_path}
     monkeypatch.setattr(cli.os, "access", lambda path, mode: Path(path) not in denied)

@@ -183,11 +183,22 @@ async def test_a_bad_crl_at_reload_keeps_the_one_in_force(crl_brokers: BrokerFac
     b = await crl_brokers.start(server_extra=crl_setting(crl))
     crl.write_text("not a CRL\n")
     b.broker.reload_tls()
-    assert any("tls_reload_failed" in line and "does not contain a PEM CRL" in line for line in log_lines)
+    assert any("tls_reload_failed" in line and "does not contain a PEM CRL" in line
+               and "keeping the previous certificate, client_ca and client_crl" in line for line in log_lines)
+    assert b.metric("broker_tls_reloads_total", outcome="failure") == 1
+    status, details = await b.ops("/readyz")
+    assert status == 200, "the broker serves as before"
+    assert details["tls"]["reload_error"].startswith("the last reload (SIGHUP) failed, the previous certificate, "
+                                                     "client_ca and client_crl are in force: client_crl ")
     with pytest.raises(SSL.Error, match="certificate revoked"):  # the CRL loaded before still applies
         await asyncio.to_thread(_fetch_with, _openssl_client(own_pki, "TLS_AES_128_GCM_SHA256", name="job-other"),
                                 b.broker.api_port)
     await assert_still_serving(b)
+    crl.unlink()
+    certs.revoke_clients(own_pki.dir, ["job-other"])
+    b.broker.reload_tls()
+    assert (await b.ops("/readyz"))[1]["tls"]["reload_error"] is None
+    assert b.metric("broker_tls_reloads_total", outcome="success") == 1
 
 
 # --- staleness -------------------------------------------------------------------------------
@@ -201,7 +212,7 @@ async def test_a_crl_that_goes_stale_makes_the_broker_unready_and_is_in_the_metr
     b = await crl_brokers.start(server_extra=crl_setting(crl))
     assert b.metric("broker_client_crl_next_update_timestamp_seconds") == int(next_update.timestamp())
     status, details = await b.ops("/readyz")
-    assert status == 200 and details["tls"] == {"ok": True, "last_error": None}
+    assert status == 200 and details["tls"] == {"ok": True, "last_error": None, "reload_error": None}
     await asyncio.sleep(max(0.0, next_update.timestamp() - time.time()) + 0.2)
     status, details = await b.ops("/readyz")
     assert status == 503
@@ -216,7 +227,7 @@ async def test_a_crl_that_goes_stale_makes_the_broker_unready_and_is_in_the_metr
 
 def test_without_a_crl_the_gauge_is_zero_and_readiness_says_nothing_about_tls() -> None:
     ready = readiness(0.0, [], True, True, None)
-    assert ready.ready and ready.details["tls"] == {"ok": True, "last_error": None}
+    assert ready.ready and ready.details["tls"] == {"ok": True, "last_error": None, "reload_error": None}
     unready = readiness(0.0, [], True, True, None, tls_error="client_crl x expired")
     assert not unready.ready and unready.details["problems"] == ["client_crl x expired"]
 
@@ -335,3 +346,89 @@ async def test_broker_certs_crl_refuses_a_certificate_of_another_ca(own_pki: Pki
     ran = await broker_cli("certs", "crl", "foreign", "--dir", str(own_pki.dir))
     assert ran.code == 2 and "foreign.pem was not issued by the CA in" in ran.err, ran
 
+
+
+def test_a_crl_spelling_its_issuer_differently_still_revokes_open_connections(tmp_path: Path) -> None:
+    """OpenSSL matches a CRL to a certificate by the canonical name (string type and ASCII case
+    do not count); the check of connections opened before a reload must match the same."""
+    from cryptography.x509.oid import NameOID
+    from OpenSSL import crypto
+
+    now = _now()
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    printable = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Runner CA", _type=x509.name._ASN1Type.PrintableString)])
+    ca = (x509.CertificateBuilder().subject_name(printable).issuer_name(printable).public_key(ca_key.public_key())
+          .serial_number(1).not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    job_key = ec.generate_private_key(ec.SECP256R1())
+    job = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "job")]))
+           .issuer_name(ca.subject).public_key(job_key.public_key()).serial_number(4242)
+           .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
+           .sign(ca_key, hashes.SHA256()))
+    utf8_other_case = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "runner  ca", _type=x509.name._ASN1Type.UTF8String)])
+    crl = (x509.CertificateRevocationListBuilder().issuer_name(utf8_other_case)
+           .last_update(now - dt.timedelta(minutes=5)).next_update(now + dt.timedelta(hours=1))
+           .add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(4242).revocation_date(now).build())
+           .sign(ca_key, hashes.SHA256()))
+    assert crl.issuer.public_bytes() != ca.subject.public_bytes()
+    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "ca.crl").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+
+    store = crypto.X509Store()
+    store.add_cert(crypto.X509.from_cryptography(ca))
+    store.add_crl(crl)
+    store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
+    with pytest.raises(crypto.X509StoreContextError, match="revoked"):  # OpenSSL's reading
+        crypto.X509StoreContext(store, crypto.X509.from_cryptography(job)).verify_certificate()
+    loaded = load_client_crl(tmp_path / "ca.crl", tmp_path / "ca.pem")
+    assert loaded.revokes(Caller.from_der(job.public_bytes(serialization.Encoding.DER)))
+
+
+def _ca_without_crl_sign(directory: Path) -> Path:
+    """A CA whose keyUsage allows signing certificates but not CRLs."""
+    from cryptography.x509.oid import NameOID
+
+    directory.mkdir()
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "no crl sign CA")])
+    now = _now()
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .sign(key, hashes.SHA256()))
+    (directory / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "ca.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    return directory
+
+
+def test_crls_openssl_would_refuse_are_refused_at_load(own_pki: Pki, tmp_path: Path) -> None:
+    """Loaded, each would make OpenSSL refuse every client certificate of the CA while the
+    broker looked ready."""
+    hour = dt.timedelta(hours=1)
+    no_crl_sign = _ca_without_crl_sign(tmp_path / "nocrlsign")
+    path = tmp_path / "a.crl"
+    path.write_bytes(signed_crl(no_crl_sign, [], last_update=_now() - hour, next_update=_now() + hour))
+    with pytest.raises(CertError, match="may not sign CRLs \\(its keyUsage lacks cRLSign\\)"):
+        load_client_crl(path, no_crl_sign / "ca.pem")
+
+    ca = x509.load_pem_x509_certificate(own_pki.ca.read_bytes())
+    key = serialization.load_pem_private_key((own_pki.dir / "ca.key").read_bytes(), password=None)
+    delta = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject).last_update(_now() - hour)
+             .next_update(_now() + hour).add_extension(x509.DeltaCRLIndicator(7), critical=True)
+             .sign(key, hashes.SHA256()))  # type: ignore[arg-type]
+    path.write_bytes(delta.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(CertError, match="is a delta CRL; give the complete CRL"):
+        load_client_crl(path, own_pki.ca)
+
+    good = signed_crl(own_pki.dir, [], last_update=_now() - hour, next_update=_now() + hour)
+    path.write_bytes(good + own_pki.ca.read_bytes())  # a certificate pasted after the CRL
+    with pytest.raises(CertError, match="holds a CERTIFICATE block; it must hold only CRLs"):
+        load_client_crl(path, own_pki.ca)
+    path.write_bytes(good)
+    assert load_client_crl(path, own_pki.ca).revoked == frozenset()

@@ -839,3 +839,25 @@ async def test_a_replay_several_generations_back_is_reuse_with_the_default_bound
         assert status == 200
         issued.append(body)
     await _refused(b, issued[0]["refresh_token"], "refresh_token_reused", REUSED)
+
+
+async def test_a_retried_refresh_is_answered_while_the_audit_log_fails(brokers: BrokerFactory) -> None:
+    """Its pair was audited when issued. Refused (503), the job would retry past reuse_interval
+    and the retry would be judged reuse: its family revoked and a security alert raised."""
+    b = await brokers.start({"deploy": PER_JOB})
+    first = await _create(b)
+    status, second = await _refresh(b, first["refresh_token"])  # the answer is lost on its way
+    assert status == 200
+    audit = b.broker.audit.path
+    audit.rename(audit.with_name("audit.jsonl.1"))
+    audit.symlink_to("/dev/full")  # every write fails with ENOSPC
+    b.broker.audit.reopen()
+    try:
+        status, again = await _refresh(b, first["refresh_token"])
+    finally:
+        audit.unlink()
+        b.broker.audit.reopen()
+    assert status == 200 and again == second
+    assert not b.metric("broker_token_reuse_detected_total", profile="deploy")
+    status, third = await _refresh(b, second["refresh_token"])
+    assert status == 200 and third["generation"] == 3

@@ -9,7 +9,7 @@ from datetime import datetime
 
 import pytest
 
-from broker.api.handlers import prefers_plain
+from broker.api.app import prefers_plain
 from tests.conftest import BrokerFactory, RunningBroker, root_client, token_is_valid
 
 

@@ -692,7 +692,7 @@ async def test_sighup_applies_the_startup_checks_and_keeps_the_old_context(
     before = b.broker.tls_context.current
     reason = breakage(b.pki.dir)
     assert await _sighup(b, log_lines) == [
-        f"ERROR broker.service tls_reload_failed error={reason} action=keeping the previous certificate"]
+        f"ERROR broker.service tls_reload_failed error={reason} action=keeping the previous certificate, client_ca and client_crl"]
     assert b.broker.tls_context.current is before
     await assert_still_serving(b)
     _repair(b.pki.dir)

@@ -8,6 +8,7 @@ always gets something a person can act on.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -25,7 +26,7 @@ from broker.clock import Clock
 from broker.config import ProfileConfig
 from broker.errors import describe_bug
 from broker.identity import Caller
-from broker.jsonerrors import JsonErrorsServer, error_response, serve_json_errors, unsupported_version
+from broker.jsonerrors import JsonErrorsServer, error_response, quoted, serve_json_errors, unsupported_version
 from broker.metrics import Metrics
 from broker.tokens.families import FamilyManager
 from broker.tokens.model import Token, TokenCache
@@ -52,6 +53,50 @@ class TokenBodies:
         }).encode()
         self._last[profile] = (token.fp, ttl, body)
         return body
+
+
+class AcceptPreferences:
+    """Whether a request asks for the bare token, remembered per distinct Accept header: a
+    fleet's clients send a handful of them, every fetch the same one."""
+
+    LIMIT = 64  # distinct headers kept; a longer header than REMEMBERED_LENGTH is never kept
+    REMEMBERED_LENGTH = 256
+
+    def __init__(self) -> None:
+        self._remembered = functools.lru_cache(maxsize=self.LIMIT)(prefers_plain)
+
+    def wants_plain(self, headers: Mapping[str, str]) -> bool:
+        accept = headers.get("Accept")
+        if accept is None:
+            return False
+        return self._remembered(accept) if len(accept) <= self.REMEMBERED_LENGTH else prefers_plain(accept)
+
+
+def prefers_plain(accept: str) -> bool:
+    """Whether ``accept`` ranks ``text/plain`` above JSON: the bare token only when it is asked
+    for with a higher weight than ``application/json`` gets (explicitly or by a wildcard);
+    a tie keeps the JSON default (``application/json, text/plain, */*``, axios' default)."""
+    weights: dict[str, float] = {}
+    for item in accept.split(","):
+        media, *params = (part.strip() for part in item.split(";"))
+        weights.setdefault(media.lower(), _weight(params))
+    plain = weights.get("text/plain", 0.0)
+    as_json = max(weights.get(media, 0.0) for media in ("application/json", "application/*", "*/*"))
+    return plain > as_json
+
+
+def _weight(params: list[str]) -> float:
+    """The q parameter (RFC 9110 §12.4.2): 0 to 1; 1 when absent, 0 when malformed."""
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "q":
+            try:
+                q = float(value.strip())
+            except ValueError:
+                return 0.0
+            return q if 0.0 <= q <= 1.0 else 0.0
+    return 1.0
+
 
 
 class Grants:
@@ -96,6 +141,7 @@ class ApiDeps:
     # checks new connections; this catches those opened before a reload brought the CRL in.
     revoked: Callable[[Caller], bool] | None = None
     token_bodies: TokenBodies = field(default_factory=TokenBodies)
+    accept: AcceptPreferences = field(default_factory=AcceptPreferences)
     grants: Grants = field(default_factory=Grants)
 
 
@@ -155,9 +201,8 @@ def _unknown_query(request: web.Request) -> ApiError | None:
     unknown = [name for name in request.query if name not in taken]
     if not unknown:
         return None
-    shown = repr(unknown[0][:40]) + ("…" if len(unknown[0]) > 40 else "")
     takes = f"takes only {', '.join(taken)}" if taken else "takes no query parameters"
-    return ApiError(400, f"unknown query parameter {shown}; {request.method} {route} {takes}")
+    return ApiError(400, f"unknown query parameter {quoted(unknown[0], 40)}; {request.method} {route} {takes}")
 
 def _client_gone(request: web.Request) -> bool:
     transport = request.transport

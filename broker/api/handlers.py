@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import math
 from collections.abc import Mapping
@@ -16,6 +15,7 @@ from broker.audit import rfc3339
 from broker.config import ProfileConfig
 from broker.errors import AuditUnavailable, CertError, FamilyLimitReached, FamilyNotFound, RefreshRejected, VaultError
 from broker.identity import Caller
+from broker.jsonerrors import quoted
 from broker.tls import peer_der, require_client_auth_eku
 from broker.tokens import policy
 from broker.tokens.families import MAX_REFRESH_TOKEN_LENGTH, FamilyManager, Issued
@@ -119,9 +119,8 @@ def _min_ttl(request: web.Request, profile: ProfileConfig) -> float:
     # ASCII digits only: int() and float() also take " 10", "1_0", "-0", "1.5", "1e3" and
     # non-ASCII digits, none of which is the "whole number of seconds" the message promises.
     if not (raw.isascii() and raw.isdigit() and len(raw) <= MIN_TTL_DIGITS):
-        shown = repr(raw[:20]) + ("…" if len(raw) > 20 else "")
         raise ApiError(400, f"min_ttl must be a whole number of seconds (at most {MIN_TTL_DIGITS} digits 0-9), "
-                            f"got {shown}")
+                            f"got {quoted(raw, 20)}")
     value = int(raw)
     limit = policy.max_min_ttl(profile.ttl)
     if value > limit:
@@ -172,45 +171,8 @@ async def get_token(request: web.Request) -> web.Response:
     now = deps.clock.now()
     if not policy.is_servable(now, token, min_ttl):
         raise _unavailable(deps, rotator, "the last token expired and Vault has not given a new one")
-    content_type, body = served(deps, profile, identity, token, now, plain=_wants_plain(request.headers))
+    content_type, body = served(deps, profile, identity, token, now, plain=deps.accept.wants_plain(request.headers))
     return web.Response(body=body, headers={"Content-Type": content_type})
-
-
-def _wants_plain(headers: Mapping[str, str]) -> bool:
-    accept = headers.get("Accept")
-    if accept is None:
-        return False
-    return _remembered_preference(accept) if len(accept) <= 256 else prefers_plain(accept)
-
-
-def prefers_plain(accept: str) -> bool:
-    """Whether ``accept`` ranks ``text/plain`` above JSON: the bare token only when it is asked
-    for with a higher weight than ``application/json`` gets (explicitly or by a wildcard);
-    a tie keeps the JSON default (``application/json, text/plain, */*``, axios' default)."""
-    weights: dict[str, float] = {}
-    for item in accept.split(","):
-        media, *params = (part.strip() for part in item.split(";"))
-        weights.setdefault(media.lower(), _weight(params))
-    plain = weights.get("text/plain", 0.0)
-    as_json = max(weights.get(media, 0.0) for media in ("application/json", "application/*", "*/*"))
-    return plain > as_json
-
-
-# A fleet's clients send a handful of distinct Accept headers, every fetch the same one.
-_remembered_preference = functools.lru_cache(maxsize=64)(prefers_plain)
-
-
-def _weight(params: list[str]) -> float:
-    """The q parameter (RFC 9110 §12.4.2): 0 to 1; 1 when absent, 0 when malformed."""
-    for param in params:
-        name, _, value = param.partition("=")
-        if name.strip().lower() == "q":
-            try:
-                q = float(value.strip())
-            except ValueError:
-                return 0.0
-            return q if 0.0 <= q <= 1.0 else 0.0
-    return 1.0
 
 
 def served(deps: ApiDeps, profile: ProfileConfig, identity: str, token: Token, now: float,
@@ -242,7 +204,7 @@ def served_from_cache(deps: ApiDeps, caller: Caller, name: str,
         return None
     assert token is not None
     within_rate(deps, caller)
-    return served(deps, profile, identity, token, now, plain=_wants_plain(headers))
+    return served(deps, profile, identity, token, now, plain=deps.accept.wants_plain(headers))
 
 
 async def list_tokens(request: web.Request) -> web.Response:

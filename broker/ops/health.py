@@ -46,7 +46,7 @@ def per_job_report(vault_authenticated: bool, vault_error: str | None,
 def readiness(now: float, states: Iterable[ProfileState], audit_ok: bool, vault_authenticated: bool,
               vault_error: str | None, audit_required: bool = True, state_error: str | None = None,
               per_job: Iterable[str] = (), family_state_error: str | None = None,
-              tls_error: str | None = None) -> Readiness:
+              tls_error: str | None = None, tls_reload_error: str | None = None) -> Readiness:
     """``audit_required`` false ([audit] on_failure = "continue"): a failing audit log is
     reported but does not make the broker unready, since it keeps serving.
 
@@ -61,7 +61,9 @@ def readiness(now: float, states: Iterable[ProfileState], audit_ok: bool, vault_
     no family can start or refresh then, every such request is refused.
 
     ``tls_error`` (the client_crl is past its nextUpdate: every handshake is refused) makes
-    the broker unready: no job can connect."""
+    the broker unready: no job can connect. ``tls_reload_error`` (the last SIGHUP could not
+    load the files: the previous certificate, client_ca and client_crl stay in force) is only
+    reported: the broker serves as before, but a revocation meant to apply did not."""
     profiles = {s.name: profile_report(now, s) for s in states}
     profiles.update({name: per_job_report(vault_authenticated, vault_error, family_state_error)
                      for name in per_job})
@@ -81,6 +83,6 @@ def readiness(now: float, states: Iterable[ProfileState], audit_ok: bool, vault_
             "state": {"ok": state_error is None and family_state_error is None,
                       "last_error": state_error or family_state_error},
             "vault": {"authenticated": vault_authenticated, "last_error": vault_error},
-            "tls": {"ok": tls_error is None, "last_error": tls_error},
+            "tls": {"ok": tls_error is None, "last_error": tls_error, "reload_error": tls_reload_error},
         },
     )

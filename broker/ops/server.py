@@ -27,6 +27,7 @@ class OpsDeps:
     per_job_profiles: tuple[str, ...] = ()
     family_state_error: Callable[[], str | None] = lambda: None
     tls_error: Callable[[float], str | None] = lambda now: None
+    tls_reload_error: Callable[[], str | None] = lambda: None
 
 
 OPS = web.AppKey("ops", OpsDeps)
@@ -43,7 +44,7 @@ async def readyz(request: web.Request) -> web.Response:
     result = readiness(now, deps.cache.all(), deps.audit_ok(), authenticated, vault_error,
                        deps.audit_required, state_error=deps.state_error(),
                        per_job=deps.per_job_profiles, family_state_error=deps.family_state_error(),
-                       tls_error=deps.tls_error(now))
+                       tls_error=deps.tls_error(now), tls_reload_error=deps.tls_reload_error())
     return web.json_response(result.details, status=200 if result.ready else 503)
 
 

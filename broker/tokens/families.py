@@ -436,11 +436,12 @@ class FamilyManager:
                                       family.profile)
             last = self._last_issued.get(family_id)
             if verdict is Verdict.RETRY and last is not None and last.family.generation == family.generation:
-                # A retried request: the same pair again, no new mint; audited like any handout
-                # (AuditUnavailable refuses it, as it would a new pair).
-                self._audit.event("family_refreshed", profile=profile.name, family=family.id, identity=identity,
-                                  generation=last.family.generation, token_fp=last.token.fp,
-                                  reason="retried: the pair already issued for this refresh token")
+                # A retried request: the same pair again, no new mint. Audited, but best effort:
+                # the pair was audited when it was issued, and refusing the retry for the audit's
+                # sake would have the job retry past reuse_interval, into reuse detection.
+                self._record("family_refreshed", profile=profile.name, family=family.id, identity=identity,
+                             generation=last.family.generation, token_fp=last.token.fp,
+                             reason="retried: the pair already issued for this refresh token")
                 self._metrics.count_request(profile.name, "refresh_retried")
                 return last
             return await self._rotate(family, profile, identity, retry=verdict is Verdict.RETRY)

@@ -351,13 +351,19 @@ class Authenticator:
 
     async def _already_gone(self, login: Login, exc: VaultError) -> bool:
         """A login revoked behind the broker's back (the reason it was replaced) cannot revoke
-        itself: Vault answers 403. That is the outcome wanted, not a failure to report."""
-        if not isinstance(exc, (VaultPermissionDenied, TokenInvalid)):
+        itself: Vault answers 403. That is the outcome wanted, not a failure to report. Asked
+        by accessor with the login now in use (its policy allows lookup-accessor): a 403 to the
+        old token itself could also be a policy without revoke-self and lookup-self, and
+        then that login is alive. With no other login (shutdown), nothing can tell: a failure."""
+        if not isinstance(exc, (VaultPermissionDenied, TokenInvalid)) or self._login is None or not login.accessor:
             return False
         try:
-            return not await self._vault.token_is_valid(login.token)
+            await self._vault.lookup_accessor(login.accessor)
+        except TokenInvalid:
+            return True
         except VaultError:
             return False
+        return False
 
     async def logout(self, timeout: float) -> None:
         """Clean shutdown: revoke the broker's own login (unless it is the operator's token) and

@@ -228,6 +228,11 @@ def _token_info(data: dict[str, Any]) -> TokenInfo:
     )
 
 
+# Every Vault worker thread's name starts so: at exit, the ones still in a call are told apart
+# from the broker's other threads by it (service.stuck_vault_calls).
+WORKER_THREAD_PREFIX = "vault-worker:"
+
+
 def not_orphan(role: str) -> VaultRequestRejected:
     """For a minted token whose ``orphan`` is false: a token role without orphan=true mints
     children of the broker's own login, and each dies when that login is revoked (every
@@ -243,7 +248,7 @@ class VaultClient:
         self._config = config
         self._metrics = metrics
         self._name = name
-        self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix=name)
+        self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix=WORKER_THREAD_PREFIX + name)
         # A lane shares its owner's hvac client, and so its token: a login is seen by every lane.
         self._owns_hvac = shared is None
         self._hvac = shared if shared is not None else self._new_hvac()
