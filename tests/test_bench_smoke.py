@@ -62,3 +62,12 @@ def test_the_families_benchmark_prints_a_row_per_count() -> None:
     rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split("|")[1].strip() for row in rows] == ["3", "30"] * 2, "families.json, then revocations.json"
     assert all(row.count(" ms ") == 2 for row in rows), run.stdout
+
+
+def test_the_hot_route_benchmark_answers_every_request_kind() -> None:
+    run = subprocess.run([sys.executable, "-m", "bench.hotroute", "--rounds", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    rows = [line.split() for line in run.stdout.splitlines()[1:]]
+    assert [" ".join(row[:-4]) for row in rows] == ["no Accept", "axios Accept", "text/plain"], run.stdout
+    assert all(row[-3] == "µs" and float(row[-4]) > 0 for row in rows), run.stdout
