@@ -60,18 +60,28 @@ def _profile_name(text: str) -> str:
     return text
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+class _Version(argparse.Action):
+    """``--version``, looked up only when asked: reading the installed metadata costs ~50 ms,
+    which every ``broker get`` in every job would otherwise pay."""
 
-    try:
-        return version("token-broker")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown (not installed)"
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the installed version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed = version("token-broker")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            installed = "unknown (not installed)"
+        print(f"broker {installed}")
+        parser.exit()
 
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="broker", description="mTLS sidecar token broker for CI runners")
-    p.add_argument("--version", action="version", version=f"broker {_version()}")
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the broker")

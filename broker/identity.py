@@ -29,7 +29,8 @@ KINDS = ("cn", "uri", "dns")
 @dataclass(frozen=True)
 class Caller:
     """A verified client: its identities, the SHA-256 (hex) of its certificate, and the
-    certificate's issuer (DER) and serial number, which a CRL names it by."""
+    certificate's issuer (compared as OpenSSL compares names) and serial number, which a CRL
+    names it by."""
 
     identities: tuple[str, ...]
     fingerprint: str
