@@ -118,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument("profile", type=_profile_name)
     get.add_argument("--min-ttl", default=None, help="at least this much lifetime left, e.g. 10m")
     _output_args(get)
-    get.add_argument("--retries", type=_non_negative, default=5, help="retries on 503 / connection errors")
+    get.add_argument("--retries", type=_non_negative, default=5, help="retries on 503, 429 and connection errors")
     get.add_argument("--refresh-file", type=Path,
                      help="per-job profiles: start a token family and keep its refresh token in this file (0600)")
 

@@ -234,8 +234,10 @@ class Broker:
         # Families first: queueing them waits on nothing, while a rotator may wait for a rotation
         # that is waiting on Vault.
         ended = await self.families.queue_all("shutdown") if self.families is not None else []
-        for rotator in self.rotators.values():
-            await rotator.queue_everything("shutdown", wait=SHUTDOWN_QUEUE_WAIT)
+        # At once, not one after another: each may wait SHUTDOWN_QUEUE_WAIT for a stalled
+        # rotation, and a dozen profiles in a row would outlast the stop timeout.
+        await asyncio.gather(*(rotator.queue_everything("shutdown", wait=SHUTDOWN_QUEUE_WAIT)
+                               for rotator in self.rotators.values()))
         # Everything pending, too: revocations from before (a release Vault did not confirm, a
         # removed profile's token) and the grace windows of tokens no longer served.
         await self._revoke_within_deadline(await self.revocations.queue_all_now("shutdown"))
