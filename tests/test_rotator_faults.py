@@ -9,6 +9,7 @@ FakeClock wherever backoff or grace windows are involved, so nothing sleeps on a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ from broker.ops.health import readiness
 from broker.tokens import policy
 from broker.tokens.model import ProfileState, fingerprint
 from broker.tokens.store import StateStore
-from tests.conftest import BrokerFactory, Pki, RunningBroker, root_client, token_is_valid
+from tests.conftest import BrokerFactory, LogLines, Pki, RunningBroker, root_client, token_is_valid
 from tests.fakes import FakeClock
 from tests.faults import TcpProxy
 from tests.processes import run_process, serve_config
@@ -160,6 +161,34 @@ async def test_revoke_on_shutdown_with_vault_stalled_queues_everything_and_stops
         (first["family"], "shutdown", "failure", 2)]
     failed = [line for line in log_lines if "not confirmed revoked by Vault within 0.5s" in line]
     assert len(failed) == 1 and "shutdown_revoke_failed error=4 of 4 token(s)" in failed[0], failed
+
+
+async def test_revoke_on_shutdown_waits_for_stalled_rotations_at_once_not_one_after_another(
+        brokers: BrokerFactory, proxy: TcpProxy, log_lines: LogLines) -> None:
+    """Each profile whose rotation is stuck on Vault may hold the shutdown for 1 s; six of them
+    in turn took 6 s before any revocation was tried."""
+    shared = {"ttl": "1h", "grace": "10m", "rotate_after": "40m"}
+    names = [f"p{i}" for i in range(6)]
+    b = await brokers.start({name: shared for name in names}, server_extra="revoke_on_shutdown = true",
+                            vault_address=proxy.address, vault_timeout="30s")
+    b.broker.shutdown_revoke_timeout = 0.5
+    proxy.hold()  # every rotation below waits on Vault
+    # Started as an admin rotation would, without an HTTP request the stop would drain first.
+    rotations = [asyncio.create_task(rotator.rotate("admin")) for rotator in b.broker.rotators.values()]
+    await b.wait_for(lambda: all(r._inflight is not None and not r._inflight.done()
+                                 for r in b.broker.rotators.values()), what="six rotations waiting on Vault")
+    started = time.monotonic()
+    shutdown = asyncio.create_task(b.shutdown())
+    await b.wait_for(lambda: any("shutdown_revoke_failed" in line for line in log_lines), timeout=20,
+                     what="the revocations given up on")
+    took = time.monotonic() - started
+    assert took < 3.5, f"{took:.1f}s: the six 1 s waits ran one after another"
+    proxy.cut()
+    proxy.release()
+    await asyncio.wait_for(shutdown, 30)
+    for rotation in rotations:
+        with contextlib.suppress(Exception):
+            await rotation
 
 
 async def test_a_min_ttl_fetch_during_the_swap_gets_the_new_token_not_an_unkept_promise(
