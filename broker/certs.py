@@ -208,11 +208,14 @@ def revoke_clients(dir: Path, names: Sequence[str] = (), days: int = 30,
     listed = {entry.serial_number: entry.revocation_date_utc for entry in earlier} if earlier is not None else {}
     now = _utc(now) if now is not None else _now()
     for name in names:
-        cert = load_cert(dir / f"{name}.pem")
+        # A name in the directory, or a path: the leaked certificate may be a copy kept
+        # elsewhere, after NAME.pem was re-issued.
+        cert_path = Path(name) if "/" in name or name.endswith(".pem") else dir / f"{name}.pem"
+        cert = load_cert(cert_path)
         try:
             cert.verify_directly_issued_by(ca_cert)
         except (ValueError, TypeError, InvalidSignature):
-            raise CertError(f"{dir / (name + '.pem')} was not issued by the CA in {dir / 'ca.pem'}") from None
+            raise CertError(f"{cert_path} was not issued by the CA in {dir / 'ca.pem'}") from None
         listed.setdefault(cert.serial_number, now)
     builder = (x509.CertificateRevocationListBuilder()
                .issuer_name(ca_cert.subject)

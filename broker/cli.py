@@ -110,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument("--force", action="store_true")
     crl = certs.add_parser("crl", help="revoke client certificates: write ca.crl for [server] client_crl")
     crl.add_argument("names", nargs="*", metavar="NAME",
-                     help="client certificates NAME.pem in --dir to revoke (earlier ones stay listed)")
+                     help="client certificates to revoke: NAME.pem in --dir, or a path to a .pem (earlier ones "
+                          "stay listed)")
     crl.add_argument("--dir", type=Path, default=Path("certs"))
     crl.add_argument("--days", type=int, default=30, help="until its nextUpdate (default 30): renew it before then")
 

@@ -308,6 +308,12 @@ def _tls_failed(url: str, exc: ssl.SSLError) -> str:
     if "UNKNOWN_CA" in reason:
         return (f"the broker at {url} refused this client certificate: it does not trust the CA that signed it "
                 f"({reason}); check BROKER_CERT, or ask the broker's operators which CA its client_ca is")
+    if "CERTIFICATE_EXPIRED" in reason:
+        # This certificate was checked to be within its dates before connecting: what the
+        # broker finds expired is its own view of time, or its revocation list.
+        return (f"the broker at {url} refused this client certificate as expired ({reason}), though it is valid "
+                "now by this machine's clock: the broker's clock or its client_crl is out of date; tell the "
+                "runner's operators (their /readyz says which)")
     if "CERTIFICATE_REVOKED" in reason:
         return (f"the broker at {url} refused this client certificate: it is revoked (the broker's client_crl "
                 f"lists it; {reason}); ask for a new certificate and point BROKER_CERT and BROKER_KEY at it")

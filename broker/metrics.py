@@ -64,6 +64,8 @@ class Metrics:
             "broker_tls_reloads", "SIGHUP reloads of the listener's certificate, client_ca and client_crl, by outcome.",
             ["outcome"], registry=registry,
         )
+        for outcome in ("success", "failure"):  # present from the start: an alert can see the first failure
+            self.tls_reloads.labels(outcome)
         self.client_crl_next_update = Gauge(
             "broker_client_crl_next_update_timestamp_seconds",
             "Unix time after which the loaded client_crl is stale and every client is refused (0: none).",

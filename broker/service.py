@@ -20,7 +20,7 @@ from broker import tls
 from broker.api.app import DEPS, ApiDeps, make_app, protocol_factory
 from broker.api.fastpath import FastPathConnections
 from broker.api.ratelimit import RateLimiter
-from broker.audit import AuditLog
+from broker.audit import AuditLog, rfc3339
 from broker.clock import Clock, SystemClock
 from broker.config import Config, load_config
 from broker.errors import CertError, ConfigError
@@ -139,6 +139,7 @@ class Broker:
                         "certificates and the audit log: restart the broker to apply it", source)
 
     def reload_tls(self) -> None:
+        before = self.tls_context.crl
         try:
             self.tls_context.reload()
         except CertError as exc:
@@ -151,14 +152,22 @@ class Broker:
             return
         self.tls_reload_error = None
         self.metrics.tls_reloads.labels("success").inc()
+        log.info("tls_reloaded cert=%s client_ca=%s", self.config.server.cert, self.config.server.client_ca)
         self.record_client_crl()
         crl = self.tls_context.crl
-        log.info("tls_reloaded cert=%s client_ca=%s client_crl=%s revoked_certificates=%s", self.config.server.cert,
-                 self.config.server.client_ca, crl.path if crl else "none", len(crl.revoked) if crl else 0)
+        if before is not None and crl is not None and (unrevoked := len(before.revoked - crl.revoked)):
+            # A CRL's entries do not normally go away (a revoked certificate stays listed until
+            # it expires): worth a look when one was put back by mistake.
+            log.warning("client_crl_unrevoked count=%d path=%s reason=certificates the previous client_crl revoked "
+                        "are not in the new one, so they are accepted again", unrevoked, crl.path)
 
     def record_client_crl(self) -> None:
+        """The metric and a log line for the client_crl in force (at start, after each reload)."""
         crl = self.tls_context.crl
         self.metrics.client_crl_next_update.set((crl.next_update or 0) if crl is not None else 0)
+        if crl is not None:
+            log.info("client_crl path=%s revoked_certificates=%d next_update=%s", crl.path, len(crl.revoked),
+                     rfc3339(crl.next_update) if crl.next_update is not None else "none")
 
     async def _start_listeners(self, api_sock: socket.socket, ops_sock: socket.socket) -> None:
         cfg = self.config

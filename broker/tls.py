@@ -56,6 +56,7 @@ class ClientCrl:
     crls: tuple[x509.CertificateRevocationList, ...]
     revoked: frozenset[tuple[CanonicalName, int]]  # (issuer, as OpenSSL compares names; serial number)
     next_update: float | None  # the earliest nextUpdate: after it OpenSSL refuses every client
+    numbers: tuple[tuple[CanonicalName, int], ...] = ()  # each CA's CRLNumber, where the CRL has one
 
     def revokes(self, caller: Caller) -> bool:
         return caller.issuer_and_serial in self.revoked
@@ -91,6 +92,7 @@ def load_client_crl(path: Path, client_ca: Path) -> ClientCrl:
     crls: list[x509.CertificateRevocationList] = []
     revoked: set[tuple[CanonicalName, int]] = set()
     next_updates: list[float] = []
+    numbers: list[tuple[CanonicalName, int]] = []
     for block in blocks:
         try:
             crl = x509.load_pem_x509_crl(block)
@@ -101,8 +103,33 @@ def load_client_crl(path: Path, client_ca: Path) -> ClientCrl:
         revoked.update((issuer, entry.serial_number) for entry in crl)
         if crl.next_update_utc is not None:
             next_updates.append(crl.next_update_utc.timestamp())
+        number = _crl_number(crl)
+        if number is not None:
+            numbers.append((issuer, number))
         crls.append(crl)
-    return ClientCrl(path, tuple(crls), frozenset(revoked), min(next_updates, default=None))
+    return ClientCrl(path, tuple(crls), frozenset(revoked), min(next_updates, default=None), tuple(numbers))
+
+
+def _crl_number(crl: x509.CertificateRevocationList) -> int | None:
+    try:
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        return None
+
+
+def reloaded_client_crl(cfg: ServerConfig, in_force: ClientCrl | None) -> ClientCrl | None:
+    """``cfg.client_crl`` for a reload: refused if a CA's CRL in it is older (a lower CRLNumber)
+    than the one in force. An old copy put back by mistake would quietly un-revoke every
+    certificate revoked since; CRL numbers only grow (RFC 5280 §5.2.3)."""
+    crl = client_crl_of(cfg)
+    if crl is None or in_force is None:
+        return crl
+    before = dict(in_force.numbers)
+    for issuer, number in crl.numbers:
+        if issuer in before and number < before[issuer]:
+            raise CertError(f"client_crl {crl.path} is older than the CRL in force (CRLNumber {number} < "
+                            f"{before[issuer]}): it would un-revoke certificates; put the newest CRL in place")
+    return crl
 
 
 def _check_crl(crl: x509.CertificateRevocationList, path: Path, cas: list[x509.Certificate], client_ca: Path,
@@ -233,7 +260,7 @@ class ReloadableServerContext:
 
     def reload(self) -> None:
         """Re-read the config's files; on CertError the old context stays in use."""
-        crl = client_crl_of(self._cfg)
+        crl = reloaded_client_crl(self._cfg, self.crl)
         self._current, self.crl = server_context(self._cfg, crl), crl
 
     def revokes(self, caller: Caller) -> bool:

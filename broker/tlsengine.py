@@ -35,7 +35,8 @@ from OpenSSL._util import lib as _lib
 from broker.config import ServerConfig
 from broker.errors import CertError
 from broker.identity import Caller
-from broker.tls import ClientCrl, ReloadableServerContext, client_crl_of, require_private_key, require_valid_now
+from broker.tls import (ClientCrl, ReloadableServerContext, client_crl_of, reloaded_client_crl, require_private_key,
+                        require_valid_now)
 
 log = logging.getLogger("broker.tls")
 
@@ -476,7 +477,7 @@ class ReloadableOpenSSLContext:
         self.current = openssl_context(cfg, self.certificates, self.crl)
 
     def reload(self) -> None:
-        crl = client_crl_of(self._cfg)  # raises CertError, keeping the old context
+        crl = reloaded_client_crl(self._cfg, self.crl)  # raises CertError, keeping the old context
         self.current, self.crl = openssl_context(self._cfg, self.certificates, crl), crl
 
     def revokes(self, caller: Caller) -> bool:

@@ -54,12 +54,14 @@ def crl_setting(path: Path, engine: str = "openssl") -> str:
 
 
 def signed_crl(ca_dir: Path, serials: list[int], *, last_update: dt.datetime,
-               next_update: dt.datetime | None) -> bytes:
+               next_update: dt.datetime | None, number: int | None = None) -> bytes:
     ca = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
     key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
     builder = x509.CertificateRevocationListBuilder().issuer_name(ca.subject).last_update(last_update)
     if next_update is not None:
         builder = builder.next_update(next_update)
+    if number is not None:
+        builder = builder.add_extension(x509.CRLNumber(number), critical=False)
     for serial in serials:
         builder = builder.add_revoked_certificate(
             x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(last_update).build())
@@ -223,6 +225,9 @@ async def test_a_crl_that_goes_stale_makes_the_broker_unready_and_is_in_the_metr
     await asyncio.sleep(max(0.0, int(next_update.timestamp()) + 1.1 - time.time()))
     with pytest.raises(SSL.Error, match="certificate expired"):  # every client is refused on a stale CRL
         await asyncio.to_thread(_fetch_with, _openssl_client(own_pki, "TLS_AES_128_GCM_SHA256"), b.broker.api_port)
+    run = await broker_cli("get", "demo", "--retries", "0", env=job_env(b))
+    assert_one_line_error(run, 1, "refused this client certificate as expired", "valid now by this machine's clock",
+                          "its client_crl is out of date", secrets=b.seen_secrets)
 
 
 def test_without_a_crl_the_gauge_is_zero_and_readiness_says_nothing_about_tls() -> None:
@@ -341,6 +346,16 @@ async def test_broker_certs_crl_errors(own_pki: Pki, args: list[str], needles: l
     assert not (own_pki.dir / "ca.crl").exists()
 
 
+async def test_broker_certs_crl_takes_a_path_to_a_certificate_kept_elsewhere(own_pki: Pki, tmp_path: Path) -> None:
+    """NAME.pem may already be re-issued: the leaked certificate is revoked from its copy."""
+    leaked = tmp_path / "leaked-job-other.pem"
+    shutil.copy(own_pki.pair("job-other")[0], leaked)
+    ran = await broker_cli("certs", "crl", str(leaked), "--dir", str(own_pki.dir))
+    assert ran.code == 0, ran
+    crl = load_client_crl(own_pki.dir / "ca.crl", own_pki.ca)
+    assert {serial for _issuer, serial in crl.revoked} == {serial_of(leaked)}
+
+
 async def test_broker_certs_crl_refuses_a_certificate_of_another_ca(own_pki: Pki) -> None:
     shutil.copy(own_pki.other_dir / "job.pem", own_pki.dir / "foreign.pem")
     ran = await broker_cli("certs", "crl", "foreign", "--dir", str(own_pki.dir))
@@ -432,3 +447,30 @@ def test_crls_openssl_would_refuse_are_refused_at_load(own_pki: Pki, tmp_path: P
         load_client_crl(path, own_pki.ca)
     path.write_bytes(good)
     assert load_client_crl(path, own_pki.ca).revoked == frozenset()
+
+
+async def test_an_older_crl_is_refused_at_reload_and_dropped_entries_are_logged(
+        crl_brokers: BrokerFactory, own_pki: Pki, log_lines: list[str]) -> None:
+    """Put back by mistake, an older CRL would un-revoke everything revoked since."""
+    hour = dt.timedelta(hours=1)
+    revoked = serial_of(own_pki.pair("job-other")[0])
+    crl = own_pki.dir / "numbered.crl"
+    crl.write_bytes(signed_crl(own_pki.dir, [revoked], last_update=_now() - hour, next_update=_now() + hour, number=7))
+    b = await crl_brokers.start(server_extra=crl_setting(crl))
+    assert any(line.startswith("INFO broker.service client_crl path=") and "revoked_certificates=1" in line
+               and "next_update=" in line for line in log_lines), "the CRL in force is logged at start"
+
+    crl.write_bytes(signed_crl(own_pki.dir, [], last_update=_now() - hour, next_update=_now() + hour, number=6))
+    b.broker.reload_tls()
+    assert any("tls_reload_failed" in line and "is older than the CRL in force (CRLNumber 6 < 7)" in line
+               for line in log_lines)
+    assert b.broker.tls_context.crl is not None and len(b.broker.tls_context.crl.revoked) == 1, "still in force"
+    with pytest.raises(SSL.Error, match="certificate revoked"):
+        await asyncio.to_thread(_fetch_with, _openssl_client(own_pki, "TLS_AES_128_GCM_SHA256", name="job-other"),
+                                b.broker.api_port)
+
+    crl.write_bytes(signed_crl(own_pki.dir, [], last_update=_now() - hour, next_update=_now() + hour, number=8))
+    b.broker.reload_tls()  # newer, but without the entry: accepted, and said
+    assert any("client_crl_unrevoked count=1" in line for line in log_lines)
+    assert (await b.request("GET", "/v1/whoami", cert="job-other"))[0] == 200
+    await assert_still_serving(b)
