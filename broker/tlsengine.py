@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,7 @@ class KnownCertificates:
     def __init__(self) -> None:
         self._client_auth = functools.lru_cache(maxsize=self.LIMIT)(_has_client_auth)
         self.caller = functools.lru_cache(maxsize=self.LIMIT)(Caller.from_der)
+        self._revoked_logged: dict[str, float] = {}  # fingerprint → when last logged
         # Kept here for as long as any context made with it can run a handshake.
         self._callback = _ffi.callback("int (*)(int, X509_STORE_CTX *)", self._verify, error=0,
                                        onerror=_verify_crashed)
@@ -86,6 +89,8 @@ class KnownCertificates:
         """OpenSSL checked the chain (and, for a server, the sslclient purpose); we add that the
         leaf must *have* an EKU with clientAuth, which OpenSSL lets pass when EKU is absent."""
         if not ok:
+            if _lib.X509_STORE_CTX_get_error(store) == _lib.X509_V_ERR_CERT_REVOKED:
+                self._revoked_attempt(_der(_lib.X509_STORE_CTX_get_current_cert(store)))
             return 0
         if _lib.X509_STORE_CTX_get_error_depth(store) > 0:
             return 1
@@ -94,6 +99,25 @@ class KnownCertificates:
             return 1
         _lib.X509_STORE_CTX_set_error(store, _lib.X509_V_ERR_INVALID_PURPOSE)
         return 0
+
+
+    REVOKED_LOG_INTERVAL = 60.0  # seconds between log lines for one revoked certificate
+
+    def _revoked_attempt(self, der: bytes | None) -> None:
+        """Someone still holds a revoked certificate's key and tries it: security wants to know,
+        once a minute per certificate (a loop of attempts must not flood the log)."""
+        if der is None:
+            return
+        fingerprint = hashlib.sha256(der).hexdigest()[:16]
+        now = time.monotonic()
+        if now - self._revoked_logged.get(fingerprint, -self.REVOKED_LOG_INTERVAL) < self.REVOKED_LOG_INTERVAL:
+            return
+        if len(self._revoked_logged) >= self.LIMIT:
+            self._revoked_logged.clear()
+        self._revoked_logged[fingerprint] = now
+        log.warning("tls_refused_revoked_certificate certificate_fp=%s identity=%s reason=the client_crl lists "
+                    "this certificate (logged once a minute per certificate)", fingerprint,
+                    self.caller(der).primary)
 
 
 _VERIFY_MODE = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
