@@ -85,6 +85,12 @@ def another_ca(directory: Path) -> Path:
     return directory
 
 
+def caller_named(pki: Pki, name: str) -> Caller:
+    """The Caller the broker makes of ``name``'s certificate."""
+    pem = pki.pair(name)[0].read_bytes()
+    return Caller.from_der(x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER))
+
+
 def serial_of(cert: Path) -> int:
     return x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
 
@@ -109,8 +115,7 @@ async def test_a_revoked_certificate_is_refused_with_the_alert_certificate_revok
             await asyncio.to_thread(_fetch_with, _openssl_client(own_pki, "TLS_AES_128_GCM_SHA256", name="job-other"),
                                     b.broker.api_port)
     assert b.metric("broker_tls_handshakes_total", outcome="failure") == 2
-    other = Caller.from_der(x509.load_pem_x509_certificate(own_pki.pair("job-other")[0].read_bytes())
-                            .public_bytes(serialization.Encoding.DER))
+    other = caller_named(own_pki, "job-other")
     attempts = [line for line in log_lines if "tls_refused_revoked_certificate" in line]
     assert attempts == [f"WARNING broker.tls tls_refused_revoked_certificate certificate_fp={other.fingerprint[:16]} "
                         "identity=cn:job-other reason=the client_crl lists this certificate (logged once a minute "
@@ -178,8 +183,7 @@ async def test_a_reload_refuses_open_connections_of_a_newly_revoked_certificate(
     with pytest.raises(aiohttp.ClientError):
         await b.request("GET", "/v1/whoami", cert="job-other")
     denied = [e for e in b.audit_events() if e["event"] == "token_denied" and e["reason"] == "certificate revoked"]
-    other = Caller.from_der(x509.load_pem_x509_certificate(own_pki.pair("job-other")[0].read_bytes())
-                            .public_bytes(serialization.Encoding.DER))
+    other = caller_named(own_pki, "job-other")
     assert len(denied) == 2 and all(e["certificate_fp"] == other.fingerprint[:16] for e in denied)
     assert denied[0]["identity"] == "cn:job-other"
     assert b.metric("broker_token_requests_total", profile="_any", outcome="revoked_certificate") == 2
